@@ -1,0 +1,209 @@
+"""The public async API.
+
+```python
+async with Pipeline(Config()) as p:
+    async for result in p.stream(problems):   # Problems, dicts, strings, or an async iterable
+        print(result.id, result.answer)
+    one = await p.solve("What is 2 + 3?")
+```
+
+A ``Pipeline`` loads the model once and keeps its stages running until the ``async with`` block ends;
+any number of ``stream()`` and ``solve()`` calls, one after another or at the same time, share them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from types import TracebackType
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from pipeline.budget import MemoryPlan, plan_memory
+from pipeline.cache import ResultCache
+from pipeline.config import Config
+from pipeline.items import Problem, Result
+from pipeline.runner import Engine, Route, RunStats
+from stages.backends.base import Backend, BackendError
+
+log = structlog.get_logger("pipeline")
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot run (the model does not load, the cache cannot open)."""
+
+
+def load_backend(cfg: Config) -> Backend:
+    """Load the configured model backend (blocking).
+
+    Raises:
+        BackendError: the model is missing or cannot be loaded; the message says what to do.
+    """
+    from stages.backends.transformers_backend import TransformersBackend
+
+    m = cfg.model
+    return TransformersBackend.load(m.path, device=m.device, dtype=m.dtype)
+
+
+class Pipeline:
+    """The streaming solver. Use as ``async with Pipeline(cfg) as p``.
+
+    ``backend`` replaces the configured model (tests pass a scripted fake). The model loads, the memory
+    plan is made and the verification workers start in ``__aenter__``.
+    """
+
+    def __init__(self, config: Config | None = None, *, backend: Backend | None = None) -> None:
+        self.config = config or Config()
+        self._backend = backend
+        self._own_backend = backend is None
+        self._tg: TaskGroup | None = None
+        self._engine: Engine | None = None
+        self._feeders: list[anyio.CancelScope] = []
+        self.memory_plan: MemoryPlan | None = None
+
+    @property
+    def backend(self) -> Backend:
+        """The loaded model backend.
+
+        Raises:
+            PipelineError: the pipeline has not been entered.
+        """
+        if self._backend is None:
+            raise PipelineError("the pipeline is not running: use `async with Pipeline(cfg) as p`")
+        return self._backend
+
+    @property
+    def engine(self) -> Engine:
+        """The running stages.
+
+        Raises:
+            PipelineError: the pipeline has not been entered.
+        """
+        if self._engine is None:
+            raise PipelineError("the pipeline is not running: use `async with Pipeline(cfg) as p`")
+        return self._engine
+
+    @property
+    def stats(self) -> RunStats:
+        """Counters since the pipeline started."""
+        return self.engine.stats
+
+    async def __aenter__(self) -> Pipeline:
+        """Load the model, plan memory, start the workers and the stages.
+
+        Raises:
+            PipelineError: the model cannot be loaded, or does not fit the memory budget.
+        """
+        cfg = self.config
+        if self._backend is None:
+            try:
+                self._backend = await anyio.to_thread.run_sync(load_backend, cfg)
+            except BackendError as e:
+                raise PipelineError(str(e)) from e
+        backend = self._backend
+        max_tokens = cfg.batch.max_batch_tokens
+        if max_tokens is None:
+            try:
+                device = getattr(backend, "device", "cpu")
+                self.memory_plan = plan_memory(backend.memory_profile(), cfg.model.memory_gb, device=device)
+            except ValueError as e:
+                raise PipelineError(str(e)) from e
+            if self.memory_plan is not None:
+                max_tokens = self.memory_plan.max_batch_tokens
+                log.info("memory plan", plan=self.memory_plan.describe())
+        try:
+            cache = ResultCache(cfg.cache.size, cfg.cache.dir)
+        except Exception as e:
+            raise PipelineError(f"cannot open the result cache in {cfg.cache.dir}: {e}") from e
+        self._engine = Engine(cfg, backend, cache, max_tokens)
+        await self._engine.verification.start()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._engine.start(self._tg)
+        self._engine.stats.started = time.perf_counter()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        """Stop feeding, let the stages drain, release the model and the workers."""
+        tg, engine = self._tg, self._engine
+        try:
+            if tg is not None and engine is not None:
+                for scope in self._feeders:
+                    scope.cancel()
+                engine.close()
+                if exc is not None:
+                    tg.cancel_scope.cancel()
+                await tg.__aexit__(exc_type, exc, tb)
+        finally:
+            if engine is not None:
+                engine.cache.close()
+            if self._own_backend and self._backend is not None:
+                self._backend.close()
+                self._backend = None
+            self._tg = None
+            self._engine = None
+        return None
+
+    async def stream(
+        self, problems: AsyncIterable[Any] | Iterable[Any]
+    ) -> AsyncIterator[Result]:
+        """Solve ``problems`` and yield one ``Result`` per input as each finishes (completion order).
+
+        Items may be ``Problem``s, dicts (``id`` and ``problem``), strings (ids are their positions),
+        or the output of ``stages.parse.read_problems`` (``Problem``s and error ``Result``s).
+
+        Raises:
+            PipelineError: the pipeline has not been entered.
+            Exception: whatever reading ``problems`` raised, after the results already made.
+        """
+        engine = self.engine
+        assert self._tg is not None
+        send, receive = anyio.create_memory_object_stream[Result](self.config.run.max_in_flight)
+        route = Route(send)
+        scope = anyio.CancelScope()
+        self._feeders.append(scope)
+
+        async def feed() -> None:
+            with scope:
+                await engine.feed(problems, route)
+
+        self._tg.start_soon(feed)
+        try:
+            async for result in receive:
+                engine.slots.release()
+                yield result
+        finally:
+            scope.cancel()
+            self._feeders.remove(scope)
+            # The caller stopped early: give back the slots of results nobody will read. Results still
+            # being computed find the channel closed and give theirs back in the router.
+            while True:
+                try:
+                    receive.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+                engine.slots.release()
+            receive.close()
+            send.close()
+        if route.error is not None:
+            raise route.error
+
+    async def solve(self, problem: Problem | str | dict[str, Any]) -> Result:
+        """Solve one problem and return its result.
+
+        Raises:
+            PipelineError: the pipeline has not been entered.
+        """
+        result: Result | None = None
+        async for r in self.stream([problem]):
+            result = r
+        assert result is not None
+        return result

@@ -1,0 +1,121 @@
+"""The result cache: an in-memory LRU (cachetools) in front of an optional SQLite store on disk.
+
+Keys are the normalised problem text plus the configuration fingerprint (model, dtype, generation and
+answer settings), so a cached answer is only reused under the settings that produced it. Only answers
+(``ok`` and ``fallback``) are stored; errors are recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import sqlite3
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import anyio
+from cachetools import LRUCache
+
+from pipeline.items import Problem, Result
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_text(text: str) -> str:
+    """NFKC, whitespace collapsed, trimmed: texts that differ only in spacing share a key."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def cache_key(text: str, fingerprint: str) -> str:
+    """The cache key of a problem text under a configuration fingerprint."""
+    return hashlib.sha256(f"{fingerprint}\x00{normalise_text(text)}".encode()).hexdigest()
+
+
+def _to_row(result: Result) -> str:
+    data = dataclasses.asdict(result)
+    for name in ("id", "line", "gold", "key", "error"):
+        data.pop(name, None)
+    data["votes"] = [[k, v] for k, v in result.votes.items()]
+    return json.dumps(data)
+
+
+def _from_row(row: str) -> Result:
+    data: dict[str, Any] = json.loads(row)
+    data["votes"] = {int(k): int(v) for k, v in data["votes"]}
+    return Result(id=None, **data)
+
+
+class SQLiteStore:
+    """Results on disk, one row per key. Blocking: call through ``ResultCache``, which uses a thread."""
+
+    def __init__(self, directory: str | Path) -> None:
+        path = Path(directory).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path / "results.sqlite"
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, result TEXT NOT NULL)")
+
+    def get(self, key: str) -> Result | None:
+        """The stored result for ``key``, or ``None``."""
+        row = self._db.execute("SELECT result FROM results WHERE key = ?", (key,)).fetchone()
+        return _from_row(row[0]) if row else None
+
+    def put(self, key: str, result: Result) -> None:
+        """Store (or replace) the result for ``key``."""
+        self._db.execute("INSERT OR REPLACE INTO results VALUES (?, ?)", (key, _to_row(result)))
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+
+class ResultCache:
+    """LRU in memory, SQLite on disk when ``directory`` is given."""
+
+    def __init__(self, size: int, directory: str | None = None) -> None:
+        self._lru: LRUCache[str, Result] | None = LRUCache(maxsize=size) if size > 0 else None
+        self._store = SQLiteStore(directory) if directory else None
+        # sqlite3 connections are not safe for concurrent use: one thread at a time.
+        self._io = anyio.CapacityLimiter(1)
+        self.hits = 0
+        self.misses = 0
+
+    async def get(self, problem: Problem, key: str) -> Result | None:
+        """A cached result re-addressed to ``problem`` (status ``cached``), or ``None`` on a miss."""
+        stored = self._lru.get(key) if self._lru is not None else None
+        if stored is None and self._store is not None:
+            stored = await anyio.to_thread.run_sync(self._store.get, key, limiter=self._io)
+            if stored is not None and self._lru is not None:
+                self._lru[key] = stored
+        if stored is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return dataclasses.replace(
+            stored,
+            id=problem.id,
+            line=problem.line,
+            gold=problem.answer,
+            status="cached",
+            key=key,
+            timings={},
+        )
+
+    async def put(self, key: str, result: Result) -> None:
+        """Remember an answered result (errors are not cached)."""
+        if result.status not in ("ok", "fallback"):
+            return
+        if self._lru is not None:
+            self._lru[key] = result
+        if self._store is not None:
+            await anyio.to_thread.run_sync(self._store.put, key, result, limiter=self._io)
+
+    def close(self) -> None:
+        """Close the disk store."""
+        if self._store is not None:
+            self._store.close()

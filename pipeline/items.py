@@ -1,0 +1,153 @@
+"""The values that travel between stages.
+
+Every item is a frozen dataclass: a stage never mutates what it receives, it sends a new value on.
+A ``Problem`` enters, a ``Result`` leaves; in between a problem becomes one ``Encoded`` prompt, ``n``
+``Generation`` samples and ``n`` ``Candidate`` answers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Status = Literal["ok", "fallback", "cached", "error"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem to solve.
+
+    ``id`` is the caller's identifier (the output is keyed by it), ``text`` the problem statement,
+    ``answer`` the gold answer when known (for accuracy figures), ``line`` the 1-based input line it
+    came from (``None`` for problems given through the API).
+    """
+
+    id: str
+    text: str
+    answer: int | None = None
+    line: int | None = None
+    submitted: float = field(default_factory=time.perf_counter, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id.strip():
+            raise ValueError("problem id must be a non-empty string")
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise ValueError(f"problem {self.id!r}: the problem text must be a non-empty string")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A problem admitted for computation: ``key`` is its cache key, ``serial`` unique to this run."""
+
+    problem: Problem
+    key: str
+    serial: int
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A problem rendered through the chat template and tokenized."""
+
+    job: Job
+    prompt_ids: tuple[int, ...]
+    tokenize_s: float = 0.0
+
+    @property
+    def problem(self) -> Problem:
+        """The problem this prompt is for."""
+        return self.job.problem
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Number of prompt tokens."""
+        return len(self.prompt_ids)
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One row of a generation batch: sample ``index`` of an encoded problem."""
+
+    encoded: Encoded
+    index: int
+    enqueued: float = field(default_factory=time.perf_counter, compare=False)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The model's output for one sample."""
+
+    encoded: Encoded
+    index: int
+    text: str
+    new_tokens: int
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A checked answer for one sample: ``answer`` is ``None`` when no valid integer was found."""
+
+    generation: Generation
+    answer: int | None
+    extracted: str | None
+    reason: str | None = None
+    verify_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """The one output for one input: an answer, or an error with a reason a person understands."""
+
+    id: str | None
+    answer: int | None
+    status: Status
+    error: str | None = None
+    line: int | None = None
+    votes: dict[int, int] = field(default_factory=dict)
+    samples: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    gold: int | None = None
+    key: str | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def correct(self) -> bool | None:
+        """Whether the answer matches the gold answer (``None`` without a gold answer)."""
+        if self.gold is None:
+            return None
+        return self.answer == self.gold
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written as one output line."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "answer": self.answer,
+            "status": self.status,
+            "error": self.error,
+            "line": self.line,
+            "votes": {str(k): v for k, v in self.votes.items()},
+            "samples": self.samples,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "timings_ms": {k: round(v * 1000.0, 3) for k, v in self.timings.items()},
+        }
+        if self.gold is not None:
+            out["gold"] = self.gold
+            out["correct"] = self.correct
+        return out
+
+
+def error_result(
+    problem_id: str | None,
+    reason: str,
+    *,
+    line: int | None = None,
+    gold: int | None = None,
+    key: str | None = None,
+) -> Result:
+    """A result for an item that could not be solved; ``reason`` is shown to the user."""
+    return Result(id=problem_id, answer=None, status="error", error=reason, line=line, gold=gold, key=key)

@@ -1,0 +1,219 @@
+"""The graph: stages, the bounded streams between them, admission, de-duplication and routing.
+
+```
+feeder (one per stream() call)      engine (one per Pipeline, in its task group)
+  parse → slot → cache ─miss─► jobs ─► tokenize ─► inference ─► verification ×N ─► extraction ─► router
+            │      └─hit / in flight: follow───────────────────────────────────────────────┐    │
+            └─bad line──────────────────────────────────────────────────────────────► route ◄┴────┘
+```
+
+Admission: a problem takes one of ``max_in_flight`` slots before anything is done for it and gives it
+back when the caller receives its result. Every stream between stages is sized to hold all admitted
+work, so a slow consumer fills its route, slots run out, and the feeder stops reading input: that is
+the backpressure, and host memory stays flat however long the input is.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectSendStream, TaskGroup
+
+from pipeline.cache import ResultCache, cache_key
+from pipeline.config import Config
+from pipeline.items import Candidate, Encoded, Generation, Job, Problem, Result
+from stages import extraction, tokenization
+from stages.backends.base import Backend
+from stages.inference import Inference
+from stages.parse import problems_from_records
+from stages.verification import Verification
+
+
+@dataclass
+class RunStats:
+    """Counters over the pipeline's life; ``summary()`` is what the CLI prints at the end."""
+
+    started: float = field(default_factory=time.perf_counter)
+    problems: int = 0
+    answered: int = 0
+    fallbacks: int = 0
+    errors: int = 0
+    cache_hits: int = 0
+    new_tokens: int = 0
+    graded: int = 0
+    correct: int = 0
+
+    def record(self, r: Result) -> None:
+        """Count one delivered result."""
+        self.problems += 1
+        if r.status == "error":
+            self.errors += 1
+        else:
+            self.answered += 1
+        self.fallbacks += r.status == "fallback"
+        self.cache_hits += r.status == "cached"
+        if r.status != "cached":
+            self.new_tokens += r.new_tokens
+        if r.gold is not None:
+            self.graded += 1
+            self.correct += bool(r.correct)
+
+    def summary(self) -> dict[str, Any]:
+        """Problems, answered, errors, cache hits, throughput and accuracy (when gold answers were given)."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        out: dict[str, Any] = {
+            "problems": self.problems,
+            "answered": self.answered,
+            "fallbacks": self.fallbacks,
+            "errors": self.errors,
+            "cache_hits": self.cache_hits,
+            "seconds": round(elapsed, 3),
+            "problems_per_s": round(self.problems / elapsed, 3),
+            "new_tokens_per_s": round(self.new_tokens / elapsed, 1),
+        }
+        if self.graded:
+            out["accuracy"] = round(self.correct / self.graded, 4)
+            out["graded"] = self.graded
+        return out
+
+
+class Route:
+    """Where one ``stream()`` call's results go, and when that stream is complete."""
+
+    def __init__(self, channel: ObjectSendStream[Result]) -> None:
+        self.channel = channel
+        self.outstanding = 0
+        self.fed_all = False
+        self.error: BaseException | None = None
+
+    def finish_if_done(self) -> None:
+        """Close the channel once the input is exhausted and every result has been handed over."""
+        if self.fed_all and self.outstanding == 0:
+            self.channel.close()
+
+
+@dataclass
+class _Waiter:
+    problem: Problem
+    route: Route
+
+
+class Engine:
+    """The long-lived stages of one ``Pipeline``: started once, fed by any number of streams."""
+
+    def __init__(self, cfg: Config, backend: Backend, cache: ResultCache, max_batch_tokens: int | None) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.cache = cache
+        self.fingerprint = cfg.fingerprint(backend.model_id)
+        self.inference = Inference(backend, cfg, max_batch_tokens)
+        self.verification = Verification(cfg)
+        self.slots = anyio.Semaphore(cfg.run.max_in_flight)
+        self.stats = RunStats()
+        self._serial = 0
+        self._waiters: dict[int, list[_Waiter]] = {}
+        self._by_key: dict[str, int] = {}
+        cap = cfg.run.max_in_flight
+        rows = cap * cfg.generation.samples
+        self._jobs_send, self._jobs_receive = anyio.create_memory_object_stream[Job](cap)
+        self._encoded = anyio.create_memory_object_stream[Encoded | Result](cap)
+        self._generations = anyio.create_memory_object_stream[Generation | Result](rows)
+        self._candidates = anyio.create_memory_object_stream[Candidate | Result](rows)
+        self._results = anyio.create_memory_object_stream[Result](cap)
+
+    def start(self, tg: TaskGroup) -> None:
+        """Start every stage in ``tg``; they run until ``close()`` and drain in order."""
+        enc_send, enc_receive = self._encoded
+        gen_send, gen_receive = self._generations
+        cand_send, cand_receive = self._candidates
+        res_send, res_receive = self._results
+        tg.start_soon(tokenization.run, self._jobs_receive, enc_send, self.backend, self.cfg)
+        tg.start_soon(self.inference.run, enc_receive, gen_send)
+        for _ in range(self.cfg.run.verify_workers):
+            tg.start_soon(self.verification.run, gen_receive.clone(), cand_send.clone())
+        gen_receive.close()
+        cand_send.close()
+        tg.start_soon(extraction.run, cand_receive, res_send, self.cfg)
+        tg.start_soon(self._route_results, res_receive)
+
+    def close(self) -> None:
+        """No more jobs: the stages finish what they hold and exit."""
+        self._jobs_send.close()
+
+    async def feed(self, items: AsyncIterable[Any] | Iterable[Any], route: Route) -> None:
+        """Admit every item of one stream: parse errors and cache hits go straight to the route."""
+        try:
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    await self._admit(item, route)
+            else:
+                for item in problems_from_records(items):
+                    await self._admit(item, route)
+        except Exception as e:  # the input itself failed (a read error): the caller's stream raises it
+            route.error = e
+        finally:
+            route.fed_all = True
+            route.finish_if_done()
+
+    async def _admit(self, item: Problem | Result, route: Route) -> None:
+        if not isinstance(item, (Problem, Result)):
+            item = next(iter(problems_from_records([item])))
+        await self.slots.acquire()
+        route.outstanding += 1
+        try:
+            if isinstance(item, Result):
+                await self._deliver(item, route)
+                return
+            key = cache_key(item.text, self.fingerprint)
+            serial = self._by_key.get(key)
+            if serial is not None:  # the same problem is already being computed: share it
+                self._waiters[serial].append(_Waiter(item, route))
+                return
+            hit = await self.cache.get(item, key)
+            if hit is not None:
+                await self._deliver(hit, route)
+                return
+            self._serial += 1
+            self._by_key[key] = self._serial
+            self._waiters[self._serial] = [_Waiter(item, route)]
+            await self._jobs_send.send(Job(problem=item, key=key, serial=self._serial))
+        except BaseException:
+            route.outstanding -= 1
+            self.slots.release()
+            raise
+
+    async def _deliver(self, result: Result, route: Route) -> None:
+        self.stats.record(result)
+        try:
+            await route.channel.send(result)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self.slots.release()  # the caller has gone; nobody will take this result
+        route.outstanding -= 1
+        route.finish_if_done()
+
+    async def _route_results(self, receive: Any) -> None:
+        async with receive:
+            async for result in receive:
+                key = result.key
+                serial = self._by_key.pop(key, None) if key is not None else None
+                waiters = self._waiters.pop(serial, []) if serial is not None else []
+                if not waiters:
+                    continue
+                if key is not None:
+                    await self.cache.put(key, result)
+                leader, *followers = waiters
+                await self._deliver(result, leader.route)
+                for w in followers:
+                    p = w.problem
+                    status = "error" if result.status == "error" else "cached"
+                    shared = replace(result, id=p.id, line=p.line, gold=p.answer, status=status)
+                    await self._deliver(shared, w.route)
+
+    def batch_token_cap(self) -> float:
+        """The inference stage's current token cap (infinite when unbounded)."""
+        return self.inference.max_batch_tokens or math.inf

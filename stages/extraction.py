@@ -1,0 +1,206 @@
+"""Answer extraction and the vote.
+
+The text functions (``extract_answer``, ``to_integer``, ``check_answer``) are pure and cheap to import:
+the verification worker processes call them. The async ``run`` is the extraction stage: it gathers the
+candidates of each problem, takes the majority vote, and emits one ``Result`` per problem.
+
+Extraction order: the last ``\\boxed{...}`` (nested braces allowed), then "the final answer is ...",
+then the last number in the text. Normalisation turns "1,000", "12.0", "$5$", "\\frac{8}{2}" and other
+LaTeX that ``math-verify`` understands into integers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from typing import Any
+
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from pipeline.config import Config
+from pipeline.items import Candidate, Result
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+_FINAL = re.compile(
+    r"(?:final answer|the answer)\s*(?:is|=|:)?\s*[:=]?\s*\$?\s*([-−]?[\d,]*\.?\d+(?:\s*/\s*\d+)?)",
+    re.IGNORECASE,
+)
+_NUMBER = re.compile(r"[-−]?\d[\d,]*(?:\.\d+)?")
+_PLAIN_INT = re.compile(r"^[-−]?\d{1,3}(?:,\d{3})+$|^[-−]?\d+$")
+_PLAIN_DEC = re.compile(r"^[-−]?\d+\.\d+$")
+_WRAPPERS = re.compile(r"^\$+|\$+$|^\\\(|\\\)$|^\\\[|\\\]$")
+_TEXT_CMD = re.compile(r"\\(?:text|mathrm|textbf|mathbf)\s*\{([^{}]*)\}")
+_UNITS = re.compile(r"\s*(?:\\%|%|\\,|\\!|\\;|\\ |°|\^\\circ|\^\{\\circ\})\s*")
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (balanced braces), or ``None``."""
+    found: str | None = None
+    for m in _BOXED.finditer(text):
+        i = m.end()
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                if text[j] == "{":
+                    depth += 1
+                elif text[j] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        found = text[i + 1 : j]
+                        break
+        else:
+            token = re.match(r"[^\s$]+", text[i:])
+            if token:
+                found = token.group(0)
+    return found
+
+
+def extract_answer(text: str) -> str | None:
+    """The answer string a model gave: boxed, else "final answer is", else the last number."""
+    boxed = last_boxed(text)
+    if boxed is not None and boxed.strip():
+        return boxed.strip()
+    finals = _FINAL.findall(text)
+    if finals:
+        return str(finals[-1]).strip()
+    numbers = _NUMBER.findall(text)
+    if numbers:
+        return str(numbers[-1])
+    return None
+
+
+def _clean(s: str) -> str:
+    s = s.strip()
+    prev = None
+    while prev != s:
+        prev = s
+        s = _WRAPPERS.sub("", s).strip()
+    s = _TEXT_CMD.sub(r"\1", s)
+    s = _UNITS.sub("", s)
+    return s.replace("−", "-").strip().rstrip(".")
+
+
+def to_integer(answer: str) -> tuple[int | None, str | None]:
+    """``(value, None)`` when ``answer`` is an integer, else ``(None, reason)``.
+
+    Plain numbers are read directly; anything else goes through ``math-verify``.
+    """
+    s = _clean(answer)
+    if _PLAIN_INT.match(s):
+        return int(s.replace(",", "")), None
+    if _PLAIN_DEC.match(s):
+        f = float(s)
+        return (int(f), None) if f.is_integer() else (None, f"answer {s} is not an integer")
+    return _math_verify_integer(s)
+
+
+def _math_verify_integer(s: str) -> tuple[int | None, str | None]:
+    import sympy
+    from math_verify import parse
+
+    try:
+        parsed: list[Any] = parse(f"${s}$", parsing_timeout=None)  # type: ignore[arg-type]
+    except Exception as e:  # math-verify raises many kinds on odd input; the reason is kept
+        return None, f"cannot parse answer {s!r}: {e}"
+    for value in parsed:
+        if isinstance(value, sympy.Basic):
+            try:
+                if value.is_number:
+                    number = sympy.nsimplify(value)
+                    if number.is_integer:
+                        return int(number), None
+                    return None, f"answer {s} is not an integer"
+            except (TypeError, ValueError, AttributeError):
+                continue
+    return None, f"cannot read answer {s!r} as a number"
+
+
+def check_answer(
+    text: str, *, modulus: int | None, lo: int, hi: int
+) -> tuple[int | None, str | None, str | None]:
+    """Extract, normalise and range-check the answer in a model's output.
+
+    Returns ``(answer, extracted, reason)``: ``answer`` is ``None`` (with a ``reason``) when the output
+    holds no valid integer answer.
+    """
+    extracted = extract_answer(text)
+    if extracted is None:
+        return None, None, "no answer found in the output"
+    value, reason = to_integer(extracted)
+    if value is None:
+        return None, extracted, reason
+    if modulus is not None:
+        value %= modulus
+    if not lo <= value <= hi:
+        return None, extracted, f"answer {value} is outside the range {lo}-{hi}"
+    return value, extracted, None
+
+
+def vote(candidates: list[Candidate]) -> tuple[int | None, dict[int, int]]:
+    """Majority vote over valid answers; a tie goes to the answer first seen (lowest sample index)."""
+    ordered = sorted(candidates, key=lambda c: c.generation.index)
+    counts: Counter[int] = Counter(c.answer for c in ordered if c.answer is not None)
+    if not counts:
+        return None, {}
+    best = max(counts.values())
+    winner = next(c.answer for c in ordered if c.answer is not None and counts[c.answer] == best)
+    return winner, dict(counts.most_common())
+
+
+def build_result(candidates: list[Candidate], cfg: Config) -> Result:
+    """The one ``Result`` for a problem from all its candidates."""
+    gen0 = candidates[0].generation
+    encoded = gen0.encoded
+    problem = encoded.problem
+    answer, votes = vote(candidates)
+    timings = {
+        "tokenize": encoded.tokenize_s,
+        "queue": max(c.generation.queue_s for c in candidates),
+        "inference": max(c.generation.inference_s for c in candidates),
+        "verify": max(c.verify_s for c in candidates),
+        "total": time.perf_counter() - problem.submitted,
+    }
+    common: dict[str, Any] = {
+        "id": problem.id,
+        "line": problem.line,
+        "gold": problem.answer,
+        "votes": votes,
+        "samples": len(candidates),
+        "prompt_tokens": encoded.prompt_tokens,
+        "new_tokens": sum(c.generation.new_tokens for c in candidates),
+        "timings": timings,
+        "key": encoded.job.key,
+    }
+    if answer is not None:
+        return Result(answer=answer, status="ok", **common)
+    failed = [c for c in candidates if c.generation.error is not None]
+    if len(failed) == len(candidates):
+        return Result(answer=None, status="error", error=f"generation failed: {failed[0].generation.error}", **common)
+    reasons = "; ".join(sorted({c.reason or "no answer" for c in candidates}))
+    return Result(
+        answer=cfg.answer.fallback,
+        status="fallback",
+        error=f"no sample gave a valid answer ({reasons})",
+        **common,
+    )
+
+
+async def run(
+    receive: ObjectReceiveStream[Candidate | Result],
+    send: ObjectSendStream[Result],
+    cfg: Config,
+) -> None:
+    """Gather each problem's candidates and send its ``Result`` once all samples are in."""
+    groups: dict[int, list[Candidate]] = {}
+    async with receive, send:
+        async for item in receive:
+            if isinstance(item, Result):
+                await send.send(item)
+                continue
+            serial = item.generation.encoded.job.serial
+            group = groups.setdefault(serial, [])
+            group.append(item)
+            if len(group) >= cfg.generation.samples:
+                del groups[serial]
+                await send.send(build_result(group, cfg))

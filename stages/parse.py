@@ -1,0 +1,244 @@
+"""The parse stage: input lines to ``Problem``s, or to error ``Result``s that name the line.
+
+Input is JSONL (one object a line: ``id``/``ID`` and ``problem``/``question``/``text``, optional
+``answer``), or CSV with a header (Kaggle's ``test.csv``: ``id,problem[,answer]``), or ``-`` for
+standard input. Files are read in chunks, so memory stays flat on any length. Blank lines are skipped;
+a UTF-8 byte-order mark and CRLF line ends are accepted; every other bad line becomes an error result
+and the rest of the input goes on.
+
+Duplicate ids: the first occurrence is solved; a later line with the same id gets an error result
+naming the line where the id was first seen.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import anyio
+
+from pipeline.items import Problem, Result, error_result
+
+CHUNK = 1 << 16
+ID_FIELDS = ("id", "ID")
+TEXT_FIELDS = ("problem", "question", "text")
+
+
+class InputError(ValueError):
+    """The input as a whole cannot be read (missing file, a directory, unknown format)."""
+
+
+def _gold(value: Any, line: int | None) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ValueError("field 'answer' must be an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        s = value.strip().replace(",", "")
+        try:
+            f = float(s)
+        except ValueError:
+            pass
+        else:
+            if f.is_integer():
+                return int(f)
+    raise ValueError(f"field 'answer' must be an integer, got {value!r}")
+
+
+def record_to_problem(record: Any, line: int | None = None) -> Problem | Result:
+    """Turn one decoded record (a dict) into a ``Problem``, or an error ``Result`` saying what is wrong."""
+    where = f"line {line}: " if line is not None else ""
+    if not isinstance(record, dict):
+        return error_result(None, f"{where}expected a JSON object, got {type(record).__name__}", line=line)
+    raw_id = next((record[k] for k in ID_FIELDS if k in record), None)
+    pid: str | None
+    if isinstance(raw_id, bool) or raw_id is None:
+        pid = None
+    elif isinstance(raw_id, (str, int)):
+        pid = str(raw_id).strip() or None
+    else:
+        return error_result(
+            None, f"{where}field 'id' must be a string or an integer, got {type(raw_id).__name__}", line=line
+        )
+    if pid is None:
+        return error_result(None, f"{where}missing or empty field 'id'", line=line)
+    text_field = next((k for k in TEXT_FIELDS if k in record), None)
+    if text_field is None:
+        return error_result(pid, f"{where}missing field 'problem' (or 'question' / 'text')", line=line)
+    text = record[text_field]
+    if not isinstance(text, str):
+        return error_result(
+            pid, f"{where}field '{text_field}' must be a string, got {type(text).__name__}", line=line
+        )
+    if not text.strip():
+        return error_result(pid, f"{where}field '{text_field}' is empty", line=line)
+    try:
+        gold = _gold(record.get("answer"), line)
+    except ValueError as e:
+        return error_result(pid, f"{where}{e}", line=line)
+    return Problem(id=pid, text=text, answer=gold, line=line)
+
+
+def parse_json_line(raw: bytes, line: int) -> Problem | Result | None:
+    """One JSONL line; ``None`` for a blank line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return error_result(None, f"line {line}: not valid UTF-8 ({e.reason} at byte {e.start})", line=line)
+    if line == 1:
+        text = text.lstrip("\ufeff")
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        return error_result(None, f"line {line}: invalid JSON ({e.msg} at column {e.colno})", line=line)
+    return record_to_problem(record, line)
+
+
+async def _chunks(source: str | Path) -> AsyncIterator[bytes]:
+    if str(source) == "-":
+        stdin = sys.stdin.buffer
+        while True:
+            chunk = await anyio.to_thread.run_sync(stdin.read1, CHUNK)
+            if not chunk:
+                return
+            yield chunk
+    else:
+        async with aiofiles.open(source, "rb") as f:
+            while True:
+                chunk = await f.read(CHUNK)
+                if not chunk:
+                    return
+                yield chunk
+
+
+async def read_lines(source: str | Path) -> AsyncIterator[tuple[int, bytes]]:
+    """``(line_number, raw_bytes)`` for each physical line, without its line end."""
+    buffer = b""
+    number = 0
+    async for chunk in _chunks(source):
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for raw in lines:
+            number += 1
+            yield number, raw.rstrip(b"\r")
+    if buffer:
+        yield number + 1, buffer.rstrip(b"\r")
+
+
+def check_source(source: str | Path) -> str:
+    """Validate an input path before any work starts; return its format (``jsonl`` or ``csv``).
+
+    Raises:
+        InputError: the file does not exist or is a directory.
+    """
+    if str(source) == "-":
+        return "jsonl"
+    p = Path(source)
+    if not p.exists():
+        raise InputError(f"input file {p} does not exist")
+    if p.is_dir():
+        raise InputError(f"input {p} is a directory, not a file")
+    return "csv" if p.suffix.lower() == ".csv" else "jsonl"
+
+
+async def _csv_problems(lines: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[Problem | Result | None]:
+    header: list[str] | None = None
+    record: list[str] = []
+    start = 0
+    async for number, raw in lines:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield error_result(None, f"line {number}: not valid UTF-8 ({e.reason})", line=number)
+            continue
+        if number == 1:
+            text = text.lstrip("\ufeff")
+        if not record:
+            start = number
+            if not text.strip():
+                continue
+        record.append(text)
+        joined = "\n".join(record)
+        if joined.count('"') % 2:  # a quoted field runs on to the next line
+            continue
+        record = []
+        row = next(csv.reader(io.StringIO(joined)), [])
+        if header is None:
+            header = [h.strip() for h in row]
+            if not any(h in header for h in ID_FIELDS) or not any(h in header for h in TEXT_FIELDS):
+                yield error_result(
+                    None, f"line {start}: CSV header must name an 'id' and a 'problem' column", line=start
+                )
+                return
+            continue
+        if len(row) != len(header):
+            yield error_result(
+                None, f"line {start}: expected {len(header)} CSV fields, got {len(row)}", line=start
+            )
+            continue
+        yield record_to_problem(dict(zip(header, row, strict=True)), start)
+    if record:
+        yield error_result(None, f"line {start}: unterminated quoted CSV field", line=start)
+
+
+async def read_problems(source: str | Path) -> AsyncIterator[Problem | Result]:
+    """Every non-blank input line as a ``Problem`` or an error ``Result`` (duplicates included).
+
+    Raises:
+        InputError: the source cannot be opened (see ``check_source``).
+    """
+    fmt = check_source(source)
+    seen: dict[str, int | None] = {}
+    items: AsyncIterator[Problem | Result | None]
+    if fmt == "csv":
+        items = _csv_problems(read_lines(source))
+    else:
+        items = (parse_json_line(raw, n) async for n, raw in read_lines(source))
+    async for item in items:
+        if item is None:
+            continue
+        yield dedupe(item, seen)
+
+
+def dedupe(item: Problem | Result, seen: dict[str, int | None]) -> Problem | Result:
+    """Apply the duplicate-id policy: a repeated id becomes an error naming the first line."""
+    if isinstance(item, Problem):
+        if item.id in seen:
+            first = seen[item.id]
+            where = f"line {item.line}: " if item.line is not None else ""
+            at = f" at line {first}" if first is not None else ""
+            return error_result(
+                item.id,
+                f"{where}duplicate id {item.id!r} (first seen{at}); this line was not solved",
+                line=item.line,
+                gold=item.answer,
+            )
+        seen[item.id] = item.line
+    return item
+
+
+def problems_from_records(records: Iterable[Any]) -> Iterable[Problem | Result]:
+    """Records given through the API (dicts, strings or ``Problem``s) as problems or error results."""
+    seen: dict[str, int | None] = {}
+    for n, rec in enumerate(records):
+        item: Problem | Result
+        if isinstance(rec, (Problem, Result)):
+            item = rec
+        elif isinstance(rec, str):
+            item = record_to_problem({"id": str(n), "problem": rec})
+        else:
+            item = record_to_problem(rec)
+        yield dedupe(item, seen)

@@ -1,12 +1,34 @@
 """aimo-pipeline: a bounded, resumable asyncio streaming pipeline from math problems to integer answers.
 
 The public API: ``Pipeline`` (``async with Pipeline(cfg) as p: async for r in p.stream(problems)``),
-``Config``, and the items ``Problem`` and ``Result``.
+``Config``, and the items ``Problem`` and ``Result``. Names are imported on first use, so a
+verification worker process that needs only ``pipeline.items`` does not load the whole runtime.
 """
 
-from pipeline.api import Pipeline, PipelineError
-from pipeline.config import Config, ConfigError
-from pipeline.items import Problem, Result
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.api import Pipeline, PipelineError
+    from pipeline.config import Config, ConfigError
+    from pipeline.items import Problem, Result
 
 __all__ = ["Config", "ConfigError", "Pipeline", "PipelineError", "Problem", "Result"]
 __version__ = "0.1.0"
+
+_HOMES = {
+    "Pipeline": "pipeline.api",
+    "PipelineError": "pipeline.api",
+    "Config": "pipeline.config",
+    "ConfigError": "pipeline.config",
+    "Problem": "pipeline.items",
+    "Result": "pipeline.items",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

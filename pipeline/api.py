@@ -19,7 +19,6 @@ from types import TracebackType
 from typing import Any
 
 import anyio
-import structlog
 from anyio.abc import TaskGroup
 
 from pipeline.budget import MemoryPlan, plan_memory
@@ -28,9 +27,6 @@ from pipeline.config import Config
 from pipeline.items import Problem, Result
 from pipeline.runner import Engine, Route, RunStats
 from stages.backends.base import Backend, BackendError
-
-log = structlog.get_logger("pipeline")
-
 
 class PipelineError(RuntimeError):
     """The pipeline cannot run (the model does not load, the cache cannot open)."""
@@ -62,6 +58,7 @@ class Pipeline:
         self._tg: TaskGroup | None = None
         self._engine: Engine | None = None
         self._feeders: list[anyio.CancelScope] = []
+        self._stats: RunStats | None = None
         self.memory_plan: MemoryPlan | None = None
 
     @property
@@ -88,8 +85,14 @@ class Pipeline:
 
     @property
     def stats(self) -> RunStats:
-        """Counters since the pipeline started."""
-        return self.engine.stats
+        """Counters since the pipeline started (still readable after it stopped).
+
+        Raises:
+            PipelineError: the pipeline was never entered.
+        """
+        if self._stats is None:
+            raise PipelineError("the pipeline has not run: use `async with Pipeline(cfg) as p`")
+        return self._stats
 
     async def __aenter__(self) -> Pipeline:
         """Load the model, plan memory, start the workers and the stages.
@@ -113,7 +116,6 @@ class Pipeline:
                 raise PipelineError(str(e)) from e
             if self.memory_plan is not None:
                 max_tokens = self.memory_plan.max_batch_tokens
-                log.info("memory plan", plan=self.memory_plan.describe())
         try:
             cache = ResultCache(cfg.cache.size, cfg.cache.dir)
         except Exception as e:
@@ -124,6 +126,7 @@ class Pipeline:
         await self._tg.__aenter__()
         self._engine.start(self._tg)
         self._engine.stats.started = time.perf_counter()
+        self._stats = self._engine.stats
         return self
 
     async def __aexit__(

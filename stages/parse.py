@@ -156,6 +156,7 @@ def check_source(source: str | Path) -> str:
 
 async def _csv_problems(lines: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[Problem | Result | None]:
     header: list[str] | None = None
+    usable = False
     record: list[str] = []
     start = 0
     async for number, raw in lines:
@@ -178,11 +179,14 @@ async def _csv_problems(lines: AsyncIterator[tuple[int, bytes]]) -> AsyncIterato
         row = next(csv.reader(io.StringIO(joined)), [])
         if header is None:
             header = [h.strip() for h in row]
-            if not any(h in header for h in ID_FIELDS) or not any(h in header for h in TEXT_FIELDS):
+            usable = any(h in header for h in ID_FIELDS) and any(h in header for h in TEXT_FIELDS)
+            if not usable:
                 yield error_result(
                     None, f"line {start}: CSV header must name an 'id' and a 'problem' column", line=start
                 )
-                return
+            continue
+        if not usable:
+            yield error_result(None, f"line {start}: no usable CSV header (see line 1)", line=start)
             continue
         if len(row) != len(header):
             yield error_result(

@@ -81,6 +81,9 @@ class TransformersBackend:
         """
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         logging.getLogger("transformers").setLevel(logging.ERROR)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         folder, model_id = resolve_model(path)
         device, dtype = choose_device_dtype(device, dtype)
         try:

@@ -1,0 +1,227 @@
+"""``python -m pipeline stream INPUT``: the command line.
+
+Exit codes: 0 the run finished (per-problem errors are in the output, not the exit code); 1 the run
+failed midway (the output written so far stays valid); 2 bad usage or input found before any work
+started (missing file, unwritable output, invalid config, a model that does not load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from pipeline import log as logsetup
+from pipeline.api import Pipeline, PipelineError
+from pipeline.config import Config, ConfigError
+from pipeline.items import Problem, Result
+from pipeline.sink import OutputError, ResultWriter, Written, check_writable, read_written
+from stages.parse import InputError, check_source, read_problems
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+# flag -> (section, field)
+_FLAG_FIELDS: dict[str, tuple[str, str]] = {
+    "model": ("model", "path"),
+    "device": ("model", "device"),
+    "dtype": ("model", "dtype"),
+    "memory_gb": ("model", "memory_gb"),
+    "batch_size": ("batch", "max_batch_size"),
+    "max_wait_ms": ("batch", "max_wait_ms"),
+    "max_batch_tokens": ("batch", "max_batch_tokens"),
+    "samples": ("generation", "samples"),
+    "temperature": ("generation", "temperature"),
+    "top_p": ("generation", "top_p"),
+    "max_new_tokens": ("generation", "max_new_tokens"),
+    "seed": ("generation", "seed"),
+    "answer_modulus": ("answer", "modulus"),
+    "answer_min": ("answer", "min"),
+    "answer_max": ("answer", "max"),
+    "cache_size": ("cache", "size"),
+    "cache_dir": ("cache", "dir"),
+    "max_in_flight": ("run", "max_in_flight"),
+    "verify_workers": ("run", "verify_workers"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to document the flags in the README)."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("stream", help="solve every problem in a JSONL or CSV file (or - for stdin)")
+    s.add_argument("input", help="problems: .jsonl (id, problem[, answer]), .csv (id,problem[,answer]) or -")
+    s.add_argument("--output", "-o", help="results JSONL file, appended (default: standard output)")
+    s.add_argument("--submission", help="also write Kaggle's id,answer CSV here")
+    s.add_argument("--resume", action="store_true", help="skip ids already in --output and append the rest")
+    s.add_argument("--config", help="a TOML file of settings; flags override it")
+    g = s.add_argument_group("model")
+    g.add_argument("--model", help="a local Hugging Face folder or .gguf file (default: bundled SmolLM2-135M)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--memory-gb", type=float, help="memory budget for weights + KV cache (default 16)")
+    g = s.add_argument_group("batching")
+    g.add_argument("--batch-size", type=int, help="max problems (samples) per generate call (default 16)")
+    g.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 20)")
+    g.add_argument("--max-batch-tokens", type=int, help="token cap per batch (default: from the memory budget)")
+    g = s.add_argument_group("generation")
+    g.add_argument("--samples", type=int, help="samples per problem; 1 is greedy (default 1)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--max-new-tokens", type=int, help="default 384")
+    g.add_argument("--seed", type=int)
+    g = s.add_argument_group("answers")
+    g.add_argument("--answer-modulus", type=int, help="reduce answers modulo this (1000 for AIMO 1)")
+    g.add_argument("--answer-min", type=int, help="smallest valid answer (default 0)")
+    g.add_argument("--answer-max", type=int, help="largest valid answer (default 99999)")
+    g = s.add_argument_group("cache and concurrency")
+    g.add_argument("--cache-size", type=int, help="in-memory LRU entries (default 10000; 0 disables)")
+    g.add_argument("--cache-dir", help="a folder for a persistent result cache (SQLite)")
+    g.add_argument("--max-in-flight", type=int, help="problems admitted at once (default 64)")
+    g.add_argument("--verify-workers", type=int, help="verification worker processes (default 2)")
+    g = s.add_argument_group("output")
+    g.add_argument("--log-json", action="store_true", help="machine-readable JSON logs on stderr")
+    g.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then ``--config``, then flags.
+
+    Raises:
+        ConfigError: the file or a flag's value is invalid.
+    """
+    cfg = Config.from_toml(args.config) if args.config else Config()
+    overrides: dict[str, dict[str, Any]] = {}
+    for flag, (section, name) in _FLAG_FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.setdefault(section, {})[name] = value
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def _count_lines(path: str) -> int | None:
+    if path == "-":
+        return None
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+async def _skip_written(items: AsyncIterator[Problem | Result], done: Written) -> AsyncIterator[Problem | Result]:
+    async for item in items:
+        if not done.has(item.id, item.line):
+            yield item
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    width = max(len(k) for k in summary)
+    lines = [f"  {k.replace('_', ' '):<{width}}  {v}" for k, v in summary.items()]
+    print("summary\n" + "\n".join(lines), file=sys.stderr)
+
+
+async def run_stream(args: argparse.Namespace, cfg: Config) -> int:
+    """The ``stream`` command (after its arguments were checked)."""
+    logger = structlog.get_logger("pipeline.cli")
+    done = Written()
+    if args.resume:
+        if not args.output:
+            raise OutputError("--resume needs --output (the file to resume)")
+        done = read_written(args.output)
+        logger.info(
+            "resuming", output=args.output, already_written=done.count, repaired_last_line=done.repaired
+        )
+    total = await anyio.to_thread.run_sync(_count_lines, args.input)
+    if total is not None:
+        total = max(0, total - done.count)
+    items: AsyncIterator[Problem | Result] = read_problems(args.input)
+    if args.resume:
+        items = _skip_written(items, done)
+    writer = ResultWriter(args.output, args.submission, fallback=cfg.answer.fallback or 0)
+    show_progress = sys.stderr.isatty() and not args.no_progress
+    async with Pipeline(cfg) as pipeline:
+        if pipeline.memory_plan is not None:
+            logger.info("memory plan", plan=pipeline.memory_plan.describe())
+        logger.info("model loaded", model=pipeline.backend.model_id)
+        pipeline.stats.started = time.perf_counter()
+        send, receive = anyio.create_memory_object_stream[Result](cfg.run.max_in_flight)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.run, receive)
+            async with send:
+                if show_progress:
+                    await _stream_with_progress(pipeline, items, send, total)
+                else:
+                    async for result in pipeline.stream(items):
+                        await send.send(result)
+        summary = pipeline.stats.summary()
+    _print_summary(summary)
+    logger.info("done", **summary)
+    return EXIT_OK
+
+
+async def _stream_with_progress(
+    pipeline: Pipeline, items: AsyncIterator[Problem | Result], send: Any, total: int | None
+) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("solving"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("solve", total=total, rate="")
+        async for result in pipeline.stream(items):
+            await send.send(result)
+            s = pipeline.stats.summary()
+            progress.update(task, advance=1, rate=f"{s['problems_per_s']:.2f}/s, errors {s['errors']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logsetup.configure(json=args.log_json, level=args.log_level)
+    try:
+        cfg = config_from_args(args)
+        check_source(args.input)
+        if args.output:
+            check_writable(args.output)
+        if args.submission:
+            check_writable(args.submission)
+    except (ConfigError, InputError, OutputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return anyio.run(run_stream, args, cfg)
+    except BaseException as e:
+        leaf = first_leaf(e, (PipelineError, OutputError))
+        if leaf is None:
+            raise
+        print(f"error: {leaf}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(leaf, PipelineError) else EXIT_FAILED
+
+
+def first_leaf(exc: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``types`` in ``exc`` or, for a task group's exception group, inside it."""
+    if isinstance(exc, types):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_leaf(inner, types)
+            if found is not None:
+                return found
+    return None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""The whole pipeline with the scripted backend: invariants, cache, de-duplication, backpressure, cancellation."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import psutil
+import pytest
+
+from pipeline import Pipeline
+from pipeline.items import Problem, Result
+from stages.backends.fake import FakeBackend
+from tests.conftest import small_config
+
+
+def problems(n: int, prefix: str = "p") -> list[dict]:
+    return [{"id": f"{prefix}{i}", "problem": f"What is {i} + 2?", "answer": i + 2} for i in range(n)]
+
+
+async def collect(p: Pipeline, items) -> list[Result]:
+    with anyio.fail_after(60):
+        return [r async for r in p.stream(items)]
+
+
+async def test_every_input_gets_exactly_one_result():
+    items = [*problems(40), {"id": "bad"}, "not a dict but a plain problem 5"]
+    async with Pipeline(small_config(), backend=FakeBackend()) as p:
+        results = await collect(p, items)
+    ids = [r.id for r in results]
+    assert sorted(ids) == sorted([*(f"p{i}" for i in range(40)), "bad", "41"])
+    by_id = {r.id: r for r in results}
+    assert all(by_id[f"p{i}"].answer == i + 2 and by_id[f"p{i}"].correct for i in range(40))
+    assert by_id["bad"].status == "error" and "missing field 'problem'" in (by_id["bad"].error or "")
+    assert by_id["41"].answer == 5
+    assert p.stats.summary()["accuracy"] == 1.0
+
+
+async def test_cache_answers_repeats_across_streams_without_the_model():
+    backend = FakeBackend()
+    async with Pipeline(small_config(cache={"size": 100}), backend=backend) as p:
+        first = await collect(p, problems(5))
+        calls = sum(len(c) for c in backend.calls)
+        second = await collect(p, problems(5, prefix="again"))
+    assert calls == 5 and sum(len(c) for c in backend.calls) == 5
+    assert {r.status for r in first} == {"ok"} and {r.status for r in second} == {"cached"}
+    assert sorted(r.answer for r in second) == sorted(r.answer for r in first)
+    assert {r.id for r in second} == {f"again{i}" for i in range(5)}
+
+
+async def test_persistent_cache_survives_a_new_pipeline(tmp_path):
+    cfg = small_config(cache={"size": 10, "dir": str(tmp_path / "cache")})
+    async with Pipeline(cfg, backend=FakeBackend()) as p:
+        await collect(p, problems(3))
+    backend = FakeBackend()
+    async with Pipeline(cfg, backend=backend) as p:
+        again = await collect(p, problems(3))
+    assert backend.calls == []
+    assert {r.status for r in again} == {"cached"} and {r.answer for r in again} == {2, 3, 4}
+    # different generation settings: a different key, so the model runs
+    other = FakeBackend()
+    async with Pipeline(cfg.replace(generation={"max_new_tokens": 7}), backend=other) as p:
+        await collect(p, problems(3))
+    assert sum(len(c) for c in other.calls) == 3
+
+
+async def test_identical_problems_in_flight_share_one_computation():
+    backend = FakeBackend(delay_s=0.05)
+    items = [{"id": f"d{i}", "problem": "What is 20 + 22?"} for i in range(6)]
+    async with Pipeline(small_config(), backend=backend) as p:
+        results = await collect(p, items)
+    assert sum(len(c) for c in backend.calls) == 1
+    assert sorted(r.id for r in results) == [f"d{i}" for i in range(6)]
+    assert {r.answer for r in results} == {42}
+    assert sorted(r.status for r in results) == ["cached"] * 5 + ["ok"]
+
+
+async def test_slow_consumer_bounds_how_much_input_is_read():
+    read = 0
+
+    async def source() -> AsyncIterator[Problem]:
+        nonlocal read
+        for i in range(500):
+            read += 1
+            yield Problem(id=str(i), text=f"What is {i} + 1?")
+
+    cfg = small_config(run={"max_in_flight": 8, "verify_workers": 1})
+    async with Pipeline(cfg, backend=FakeBackend()) as p:
+        seen = 0
+        max_ahead = 0
+        with anyio.fail_after(60):
+            async for _ in p.stream(source()):
+                seen += 1
+                await anyio.sleep(0.002)
+                max_ahead = max(max_ahead, read - seen)
+    assert seen == 500
+    # at most max_in_flight admitted plus the one item the feeder holds while waiting for a slot
+    assert max_ahead <= 8 + 1
+
+
+async def test_backend_failure_becomes_error_results_and_the_run_goes_on():
+    def fail(texts):
+        if any("13" in t for t in texts):
+            raise RuntimeError("CUDA error: device-side assert")
+
+    async with Pipeline(small_config(), backend=FakeBackend(fail=fail)) as p:
+        results = await collect(p, problems(20))
+    by_id = {r.id: r for r in results}
+    assert len(by_id) == 20
+    assert by_id["p13"].status == "error" and "device-side assert" in (by_id["p13"].error or "")
+    assert sum(r.status == "ok" for r in results) == 19
+
+
+async def test_solve_and_concurrent_streams():
+    async with Pipeline(small_config(), backend=FakeBackend(delay_s=0.01)) as p:
+        one = await p.solve({"id": "x", "problem": "What is 40 + 2?"})
+        outs: dict[str, list[Result]] = {}
+
+        async def run(prefix: str) -> None:
+            outs[prefix] = await collect(p, problems(15, prefix))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "a")
+            tg.start_soon(run, "b")
+    assert one.id == "x" and one.answer == 42
+    assert sorted(r.id for r in outs["a"]) == sorted(f"a{i}" for i in range(15))
+    assert sorted(r.id for r in outs["b"]) == sorted(f"b{i}" for i in range(15))
+
+
+async def test_abandoning_a_stream_frees_its_slots():
+    cfg = small_config(run={"max_in_flight": 4, "verify_workers": 1})
+    async with Pipeline(cfg, backend=FakeBackend(delay_s=0.005)) as p:
+        with anyio.fail_after(30):
+            async for _ in p.stream(problems(50)):
+                break
+            # the abandoned stream's slots come back, so a new stream still runs to the end
+            results = await collect(p, problems(10, "n"))
+    assert len(results) == 10
+
+
+def test_cancelling_a_run_leaves_no_task_or_process_behind():
+    def children() -> list[psutil.Process]:
+        return [c for c in psutil.Process().children(recursive=True) if c.is_running()]
+
+    before = {c.pid for c in children()}
+
+    async def scenario() -> int:
+        got = 0
+        with anyio.CancelScope() as scope:
+            async with Pipeline(small_config(), backend=FakeBackend(delay_s=0.05)) as p:
+                async for _ in p.stream(problems(10_000)):
+                    got += 1
+                    if got == 5:
+                        scope.cancel()  # as Ctrl-C or a notebook's interrupt would, mid-stream
+        # anyio's own process-pool janitor lives until the loop ends, then stops the worker processes
+        left = [
+            t
+            for t in asyncio.all_tasks()
+            if t is not asyncio.current_task() and not t.done() and t.get_name() != "AnyIO process pool shutdown task"
+        ]
+        assert not left, left
+        return got
+
+    got = anyio.run(scenario)
+    assert 0 < got < 10_000
+    deadline = time.monotonic() + 5
+    while {c.pid for c in children()} - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not ({c.pid for c in children()} - before)
+
+
+async def test_pipeline_must_be_entered():
+    p = Pipeline(small_config(), backend=FakeBackend())
+    with pytest.raises(RuntimeError, match="async with Pipeline"):
+        await p.solve("1+1")

@@ -28,6 +28,7 @@ from pipeline.items import Problem, Result
 from pipeline.runner import Engine, Route, RunStats
 from stages.backends.base import Backend, BackendError
 
+
 class PipelineError(RuntimeError):
     """The pipeline cannot run (the model does not load, the cache cannot open)."""
 
@@ -155,9 +156,7 @@ class Pipeline:
             self._engine = None
         return None
 
-    async def stream(
-        self, problems: AsyncIterable[Any] | Iterable[Any]
-    ) -> AsyncIterator[Result]:
+    async def stream(self, problems: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[Result]:
         """Solve ``problems`` and yield one ``Result`` per input as each finishes (completion order).
 
         Items may be ``Problem``s, dicts (``id`` and ``problem``), strings (ids are their positions),

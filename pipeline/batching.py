@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import anyio
-from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 T = TypeVar("T")
 
@@ -31,7 +31,7 @@ class MicroBatcher(Generic[T]):
 
     def __init__(
         self,
-        receive: ObjectReceiveStream[T],
+        receive: MemoryObjectReceiveStream[T],
         *,
         max_size: int,
         max_wait_s: float,
@@ -92,7 +92,9 @@ class MicroBatcher(Generic[T]):
             return []
         anchor = self.pending[0]
         anchor_len = self.length(anchor)
-        order = sorted(range(1, len(self.pending)), key=lambda i: abs(self.length(self.pending[i]) - anchor_len))
+        order = sorted(
+            range(1, len(self.pending)), key=lambda i: abs(self.length(self.pending[i]) - anchor_len)
+        )
         chosen = [0]
         width = anchor_len
         for i in order:

@@ -11,7 +11,6 @@ import argparse
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -63,14 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="skip ids already in --output and append the rest")
     s.add_argument("--config", help="a TOML file of settings; flags override it")
     g = s.add_argument_group("model")
-    g.add_argument("--model", help="a local Hugging Face folder or .gguf file (default: bundled SmolLM2-135M)")
+    g.add_argument(
+        "--model", help="a local Hugging Face folder or .gguf file (default: bundled SmolLM2-135M)"
+    )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--memory-gb", type=float, help="memory budget for weights + KV cache (default 16)")
     g = s.add_argument_group("batching")
     g.add_argument("--batch-size", type=int, help="max problems (samples) per generate call (default 16)")
     g.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 20)")
-    g.add_argument("--max-batch-tokens", type=int, help="token cap per batch (default: from the memory budget)")
+    g.add_argument(
+        "--max-batch-tokens", type=int, help="token cap per batch (default: from the memory budget)"
+    )
     g = s.add_argument_group("generation")
     g.add_argument("--samples", type=int, help="samples per problem; 1 is greedy (default 1)")
     g.add_argument("--temperature", type=float)
@@ -115,7 +118,9 @@ def _count_lines(path: str) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
-async def _skip_written(items: AsyncIterator[Problem | Result], done: Written) -> AsyncIterator[Problem | Result]:
+async def _skip_written(
+    items: AsyncIterator[Problem | Result], done: Written
+) -> AsyncIterator[Problem | Result]:
     async for item in items:
         if not done.has(item.id, item.line):
             yield item

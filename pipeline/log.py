@@ -14,7 +14,9 @@ def configure(*, json: bool = False, level: str = "info") -> None:
     if not isinstance(numeric, int):
         numeric = logging.INFO
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectSendStream, TaskGroup
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.cache import ResultCache, cache_key
 from pipeline.config import Config
@@ -85,7 +86,7 @@ class RunStats:
 class Route:
     """Where one ``stream()`` call's results go, and when that stream is complete."""
 
-    def __init__(self, channel: ObjectSendStream[Result]) -> None:
+    def __init__(self, channel: MemoryObjectSendStream[Result]) -> None:
         self.channel = channel
         self.outstanding = 0
         self.fed_all = False
@@ -106,7 +107,9 @@ class _Waiter:
 class Engine:
     """The long-lived stages of one ``Pipeline``: started once, fed by any number of streams."""
 
-    def __init__(self, cfg: Config, backend: Backend, cache: ResultCache, max_batch_tokens: int | None) -> None:
+    def __init__(
+        self, cfg: Config, backend: Backend, cache: ResultCache, max_batch_tokens: int | None
+    ) -> None:
         self.cfg = cfg
         self.backend = backend
         self.cache = cache

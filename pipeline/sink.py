@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import aiofiles
 import anyio
-from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline.items import Result
 
@@ -94,6 +94,10 @@ def check_writable(path: str | Path) -> None:
         raise OutputError(f"cannot write {p}: {e.strerror or e}") from e
 
 
+def _empty_or_missing(path: str) -> bool:
+    return not os.path.exists(path) or os.path.getsize(path) == 0
+
+
 def submission_answer(result: Result, fallback: int) -> int:
     """The integer Kaggle gets for a result: its answer, else the fallback."""
     return result.answer if result.answer is not None else fallback
@@ -103,7 +107,12 @@ class ResultWriter:
     """Writes results to a JSONL file (appending) or standard output, and optionally a submission CSV."""
 
     def __init__(
-        self, output: str | None, submission: str | None = None, *, fallback: int = 0, stdout: TextIO | None = None
+        self,
+        output: str | None,
+        submission: str | None = None,
+        *,
+        fallback: int = 0,
+        stdout: TextIO | None = None,
     ) -> None:
         self.output = output
         self.submission = submission
@@ -111,7 +120,7 @@ class ResultWriter:
         self.stdout = stdout or sys.stdout
         self.written = 0
 
-    async def run(self, receive: ObjectReceiveStream[Result]) -> None:
+    async def run(self, receive: MemoryObjectReceiveStream[Result]) -> None:
         """Write everything received until the stream closes.
 
         Raises:
@@ -123,7 +132,7 @@ class ResultWriter:
             if self.output is not None:
                 out = await aiofiles.open(self.output, "a", encoding="utf-8")
             if self.submission is not None:
-                new = not os.path.exists(self.submission) or os.path.getsize(self.submission) == 0
+                new = await anyio.to_thread.run_sync(_empty_or_missing, self.submission)
                 sub = await aiofiles.open(self.submission, "a", encoding="utf-8")
                 if new:
                     await sub.write("id,answer\n")
@@ -153,7 +162,9 @@ class ResultWriter:
         else:
             await anyio.to_thread.run_sync(self._to_stdout, text)
         if sub is not None:
-            rows = "".join(f"{r.id},{submission_answer(r, self.fallback)}\n" for r in batch if r.id is not None)
+            rows = "".join(
+                f"{r.id},{submission_answer(r, self.fallback)}\n" for r in batch if r.id is not None
+            )
             if rows:
                 await sub.write(rows)
                 await sub.flush()

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.config import Config
 from pipeline.items import Candidate, Result
@@ -100,7 +100,7 @@ def _math_verify_integer(s: str) -> tuple[int | None, str | None]:
     from math_verify import parse
 
     try:
-        parsed: list[Any] = parse(f"${s}$", parsing_timeout=None)  # type: ignore[arg-type]
+        parsed: list[Any] = parse(f"${s}$", parsing_timeout=None)
     except Exception as e:  # math-verify raises many kinds on odd input; the reason is kept
         return None, f"cannot parse answer {s!r}: {e}"
     for value in parsed:
@@ -176,7 +176,9 @@ def build_result(candidates: list[Candidate], cfg: Config) -> Result:
         return Result(answer=answer, status="ok", **common)
     failed = [c for c in candidates if c.generation.error is not None]
     if len(failed) == len(candidates):
-        return Result(answer=None, status="error", error=f"generation failed: {failed[0].generation.error}", **common)
+        return Result(
+            answer=None, status="error", error=f"generation failed: {failed[0].generation.error}", **common
+        )
     reasons = "; ".join(sorted({c.reason or "no answer" for c in candidates}))
     return Result(
         answer=cfg.answer.fallback,
@@ -187,8 +189,8 @@ def build_result(candidates: list[Candidate], cfg: Config) -> Result:
 
 
 async def run(
-    receive: ObjectReceiveStream[Candidate | Result],
-    send: ObjectSendStream[Result],
+    receive: MemoryObjectReceiveStream[Candidate | Result],
+    send: MemoryObjectSendStream[Result],
     cfg: Config,
 ) -> None:
     """Gather each problem's candidates and send its ``Result`` once all samples are in."""

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.batching import MicroBatcher
 from pipeline.config import Config
@@ -108,8 +108,8 @@ class Inference:
 
     async def run(
         self,
-        receive: ObjectReceiveStream[Encoded | Result],
-        send: ObjectSendStream[Generation | Result],
+        receive: MemoryObjectReceiveStream[Encoded | Result],
+        send: MemoryObjectSendStream[Generation | Result],
     ) -> None:
         """Expand problems into sample rows, batch them, generate, and send each sample on."""
         capacity = self.cfg.run.max_in_flight * self.cfg.generation.samples
@@ -132,9 +132,9 @@ class Inference:
 
     async def _expand(
         self,
-        receive: ObjectReceiveStream[Encoded | Result],
-        rows: ObjectSendStream[SampleRequest],
-        passthrough: ObjectSendStream[Generation | Result],
+        receive: MemoryObjectReceiveStream[Encoded | Result],
+        rows: MemoryObjectSendStream[SampleRequest],
+        passthrough: MemoryObjectSendStream[Generation | Result],
     ) -> None:
         async with receive, rows, passthrough:
             async for item in receive:

@@ -110,8 +110,9 @@ def parse_json_line(raw: bytes, line: int) -> Problem | Result | None:
 async def _chunks(source: str | Path) -> AsyncIterator[bytes]:
     if str(source) == "-":
         stdin = sys.stdin.buffer
+        read = getattr(stdin, "read1", stdin.read)
         while True:
-            chunk = await anyio.to_thread.run_sync(stdin.read1, CHUNK)
+            chunk = await anyio.to_thread.run_sync(read, CHUNK)
             if not chunk:
                 return
             yield chunk

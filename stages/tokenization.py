@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.config import Config
 from pipeline.items import Encoded, Job, Result, error_result
@@ -27,7 +27,11 @@ def encode(job: Job, backend: Backend, cfg: Config) -> Encoded | Result:
         ids = backend.encode(messages_for(problem.text, cfg))
     except Exception as e:  # a tokenizer failure is this problem's, not the run's
         return error_result(
-            problem.id, f"cannot tokenize the problem: {e}", line=problem.line, gold=problem.answer, key=job.key
+            problem.id,
+            f"cannot tokenize the problem: {e}",
+            line=problem.line,
+            gold=problem.answer,
+            key=job.key,
         )
     budget = backend.max_context - cfg.generation.max_new_tokens
     if len(ids) > budget:
@@ -44,8 +48,8 @@ def encode(job: Job, backend: Backend, cfg: Config) -> Encoded | Result:
 
 
 async def run(
-    receive: ObjectReceiveStream[Job],
-    send: ObjectSendStream[Encoded | Result],
+    receive: MemoryObjectReceiveStream[Job],
+    send: MemoryObjectSendStream[Encoded | Result],
     backend: Backend,
     cfg: Config,
 ) -> None:

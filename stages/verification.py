@@ -12,7 +12,7 @@ import time
 
 import anyio
 import anyio.to_process
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.batching import MicroBatcher
 from pipeline.config import Config
@@ -74,7 +74,9 @@ class Verification:
             self.worker_failures += 1
             if len(gens) > 1:  # find the sample that kills the worker; the others still count
                 return [c for g in gens for c in await self._check([g])]
-            return [Candidate(generation=gens[0], answer=None, extracted=None, reason=reason, verify_s=elapsed)]
+            return [
+                Candidate(generation=gens[0], answer=None, extracted=None, reason=reason, verify_s=elapsed)
+            ]
         return [
             Candidate(generation=g, answer=ans, extracted=ext, reason=why, verify_s=elapsed)
             for g, (ans, ext, why) in zip(gens, checked, strict=True)
@@ -82,8 +84,8 @@ class Verification:
 
     async def run(
         self,
-        receive: ObjectReceiveStream[Generation | Result],
-        send: ObjectSendStream[Candidate | Result],
+        receive: MemoryObjectReceiveStream[Generation | Result],
+        send: MemoryObjectSendStream[Candidate | Result],
     ) -> None:
         """One copy of the stage; the runner starts ``verify_workers`` copies on cloned streams."""
         batcher = MicroBatcher(receive, max_size=self.cfg.run.verify_batch, max_wait_s=0.0)

@@ -32,8 +32,9 @@ async def test_groups_similar_lengths_and_keeps_the_oldest():
 
 async def test_token_cap_limits_batch_but_never_drops_an_item():
     lengths = [50, 50, 50, 500]
-    out = await _batches(range(4), max_size=8, max_wait_s=0.0, length=lambda i: lengths[i],
-                         reserve=50, max_tokens=250)
+    out = await _batches(
+        range(4), max_size=8, max_wait_s=0.0, length=lambda i: lengths[i], reserve=50, max_tokens=250
+    )
     # 2 rows of width 50+50 = 200 fit, 3 do not; the 500-token item goes alone although over the cap
     assert [sorted(b) for b in out] == [[0, 1], [2], [3]]
 

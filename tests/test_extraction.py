@@ -66,7 +66,11 @@ def test_check_answer_range_and_modulus():
     assert "outside the range" in check_answer("\\boxed{123456}", modulus=None, lo=0, hi=99999)[2]
     assert check_answer("\\boxed{123456}", modulus=1000, lo=0, hi=999)[0] == 456
     assert check_answer("\\boxed{-1}", modulus=None, lo=0, hi=9)[0] is None
-    assert check_answer("words only", modulus=None, lo=0, hi=9) == (None, None, "no answer found in the output")
+    assert check_answer("words only", modulus=None, lo=0, hi=9) == (
+        None,
+        None,
+        "no answer found in the output",
+    )
 
 
 def _cands(answers):
@@ -85,7 +89,7 @@ def _cands(answers):
 
 def test_vote_majority_and_tie_break():
     assert vote(_cands([3, 7, 7, None])) == (7, {7: 2, 3: 1})
-    assert vote(_cands([5, 9])) [0] == 5  # a tie goes to the first sample
+    assert vote(_cands([5, 9]))[0] == 5  # a tie goes to the first sample
     assert vote(_cands([None, None])) == (None, {})
 
 
@@ -101,7 +105,7 @@ def test_build_result_ok_and_fallback():
 
 @given(st.text(max_size=300))
 def test_extraction_never_raises(text):
-    answer, extracted, reason = check_answer(text, modulus=None, lo=0, hi=99999)
+    answer, _, reason = check_answer(text, modulus=None, lo=0, hi=99999)
     assert (answer is None) == (reason is not None)
     if answer is not None:
         assert 0 <= answer <= 99999

@@ -73,7 +73,9 @@ async def test_duplicates_first_is_solved_repeat_is_an_error(tmp_path: Path):
 
 async def test_csv_with_quoted_multiline_fields(tmp_path: Path):
     f = tmp_path / "test.csv"
-    f.write_text('id,problem,answer\r\nq1,"What is\n1+1, really?",2\r\nq2,Plain one,\r\nq3,too,many,fields\r\n')
+    f.write_text(
+        'id,problem,answer\r\nq1,"What is\n1+1, really?",2\r\nq2,Plain one,\r\nq3,too,many,fields\r\n'
+    )
     items = await collect(f)
     assert isinstance(items[0], Problem) and items[0].text == "What is\n1+1, really?" and items[0].answer == 2
     assert isinstance(items[1], Problem) and items[1].answer is None and items[1].line == 4
@@ -114,8 +116,12 @@ def test_parser_never_raises_on_arbitrary_bytes(raw):
     assert item is None or isinstance(item, (Problem, Result))
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4)))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    )
+)
 def test_record_to_problem_never_raises(record):
     item = record_to_problem(record, 1)
     assert isinstance(item, (Problem, Result))

@@ -1,4 +1,7 @@
-"""The whole pipeline with the scripted backend: invariants, cache, de-duplication, backpressure, cancellation."""
+"""The whole pipeline with the scripted backend.
+
+Invariants, cache, de-duplication, backpressure, cancellation.
+"""
 
 import asyncio
 import time
@@ -156,7 +159,9 @@ def test_cancelling_a_run_leaves_no_task_or_process_behind():
         left = [
             t
             for t in asyncio.all_tasks()
-            if t is not asyncio.current_task() and not t.done() and t.get_name() != "AnyIO process pool shutdown task"
+            if t is not asyncio.current_task()
+            and not t.done()
+            and t.get_name() != "AnyIO process pool shutdown task"
         ]
         assert not left, left
         return got

@@ -52,7 +52,9 @@ async def test_inference_batches_every_sample_and_passes_results_through():
     out = await run_stage(stage.run, [encoded(i) for i in range(5)] + [passthrough])
     gens = [g for g in out if isinstance(g, Generation)]
     assert passthrough in out
-    assert sorted((g.encoded.job.serial, g.index) for g in gens) == [(i, s) for i in range(5) for s in range(3)]
+    assert sorted((g.encoded.job.serial, g.index) for g in gens) == [
+        (i, s) for i in range(5) for s in range(3)
+    ]
     assert all(len(batch) <= 4 for batch in backend.calls)
     assert stage.stats.rows == 15
     assert all(g.text == f"Adding the numbers gives \\boxed{{{g.encoded.job.serial + 1}}}." for g in gens)
@@ -106,7 +108,9 @@ async def test_extraction_votes_once_all_samples_are_in():
     e1, e2 = encoded(1), encoded(2)
 
     def cand(e, i, a):
-        return Candidate(generation=Generation(encoded=e, index=i, text="", new_tokens=1), answer=a, extracted=None)
+        return Candidate(
+            generation=Generation(encoded=e, index=i, text="", new_tokens=1), answer=a, extracted=None
+        )
 
     items = [cand(e1, 0, 5), cand(e2, 0, 9), cand(e2, 1, 9), cand(e1, 1, 6)]
     out = await run_stage(extraction.run, items, cfg)

@@ -92,7 +92,7 @@ class TransformersBackend:
 
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype))
-            model.to(device)
+            model = model.to(device)  # type: ignore[arg-type]
             model.eval()
         except BackendError:
             raise

@@ -1,0 +1,51 @@
+"""Command-line checks that fail before any work starts (exit code 2, one line on stderr)."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import EXIT_USAGE, build_parser, config_from_args, main
+
+
+def test_missing_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["stream", str(tmp_path / "nope.jsonl")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("error: input file") and "does not exist" in err
+
+
+def test_directory_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert main(["stream", str(tmp_path)]) == EXIT_USAGE
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_unwritable_output_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "problem": "1+1"}\n')
+    assert main(["stream", str(inp), "--output", str(tmp_path / "no" / "such" / "dir.jsonl")]) == EXIT_USAGE
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_model_that_is_not_a_model_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "problem": "1+1"}\n')
+    (tmp_path / "junk").mkdir()
+    assert main(["stream", str(inp), "--model", str(tmp_path / "junk"), "--no-progress"]) == EXIT_USAGE
+    assert "is not a model" in capsys.readouterr().err
+
+
+def test_invalid_config_value_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("")
+    assert main(["stream", str(inp), "--batch-size", "0"]) == EXIT_USAGE
+    assert "batch.max_batch_size" in capsys.readouterr().err
+
+
+def test_flags_override_the_config_file(tmp_path: Path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[batch]\nmax_batch_size = 4\nmax_wait_ms = 9\n[generation]\nsamples = 3\n")
+    args = build_parser().parse_args(
+        ["stream", "x.jsonl", "--config", str(toml), "--batch-size", "32", "--answer-modulus", "1000"]
+    )
+    cfg = config_from_args(args)
+    assert cfg.batch.max_batch_size == 32 and cfg.batch.max_wait_ms == 9
+    assert cfg.generation.samples == 3 and cfg.answer.modulus == 1000

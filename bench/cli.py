@@ -78,7 +78,7 @@ def write_report(out: Path, name: str, report: dict[str, Any], columns: Sequence
 
 def _median_rows(runs: dict[str, list[Figures]]) -> list[Figures]:
     rows = []
-    for name, figs in runs.items():
+    for figs in runs.values():
         row = dict(figs[0])
         for key in ("seconds", "problems_per_s", "new_tokens_per_s"):
             row[key] = round(statistics.median(f[key] for f in figs), 3)

@@ -135,17 +135,23 @@ async def overhead(settings: Settings) -> Figures:
     from bench.data import synthetic
 
     problems = synthetic(settings.overhead_problems)
-    cfg = settings.config().replace(batch={"max_batch_size": 64, "max_wait_ms": 1.0}, run={"max_in_flight": 256})
+    cfg = settings.config().replace(
+        batch={"max_batch_size": 64, "max_wait_ms": 1.0}, run={"max_in_flight": 256}
+    )
     async with Pipeline(cfg, backend=FakeBackend()) as p:
         start = time.perf_counter()
         results = [r async for r in p.stream(problems)]
         seconds = time.perf_counter() - start
     wrong = sum(not r.correct for r in results)
-    figures = _figures("overhead", problems, seconds, sum(r.new_tokens for r in results), len(results) - wrong)
+    figures = _figures(
+        "overhead", problems, seconds, sum(r.new_tokens for r in results), len(results) - wrong
+    )
     figures["us_per_problem"] = round(seconds / len(problems) * 1e6, 1)
     return figures
 
 
-def run_pipeline(problems: list[Problem], backend: Backend, settings: Settings, name: str = "pipeline") -> Figures:
+def run_pipeline(
+    problems: list[Problem], backend: Backend, settings: Settings, name: str = "pipeline"
+) -> Figures:
     """``pipeline`` from synchronous code."""
     return anyio.run(lambda: pipeline(problems, backend, settings, name=name))

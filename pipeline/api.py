@@ -156,6 +156,16 @@ class Pipeline:
             self._engine = None
         return None
 
+    def abort(self) -> None:
+        """Stop now: cancel every stream's feeder and every stage; in-flight work is dropped.
+
+        Called when a run is interrupted; leaving the ``async with`` block afterwards is quick.
+        """
+        for scope in self._feeders:
+            scope.cancel()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
     async def stream(self, problems: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[Result]:
         """Solve ``problems`` and yield one ``Result`` per input as each finishes (completion order).
 

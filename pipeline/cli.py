@@ -2,12 +2,14 @@
 
 Exit codes: 0 the run finished (per-problem errors are in the output, not the exit code); 1 the run
 failed midway (the output written so far stays valid); 2 bad usage or input found before any work
-started (missing file, unwritable output, invalid config, a model that does not load).
+started (missing file, unwritable output, invalid config, a model that does not load); 130 interrupted
+by SIGINT or SIGTERM (finished results are written; ``--resume`` finishes the rest).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -26,6 +28,7 @@ from stages.parse import InputError, check_source, read_problems
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 # flag -> (section, field)
 _FLAG_FIELDS: dict[str, tuple[str, str]] = {
@@ -93,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-json", action="store_true", help="machine-readable JSON logs on stderr")
     g.add_argument("--log-level", default="info", help="debug, info, warning or error")
     g.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    g.add_argument(
+        "--grace-s",
+        type=float,
+        default=10.0,
+        help="after SIGINT/SIGTERM, how long in-flight problems may finish (default 10)",
+    )
     return parser
 
 
@@ -132,6 +141,35 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print("summary\n" + "\n".join(lines), file=sys.stderr)
 
 
+async def _until_stopped(
+    items: AsyncIterator[Problem | Result], stop: anyio.Event
+) -> AsyncIterator[Problem | Result]:
+    async for item in items:
+        if stop.is_set():
+            return
+        yield item
+
+
+async def _watch_signals(
+    stop: anyio.Event, consume: anyio.CancelScope, grace_s: float, caught: list[str]
+) -> None:
+    """First SIGINT/SIGTERM: stop reading input and give in-flight work ``grace_s``; second: stop now."""
+    logger = structlog.get_logger("pipeline.cli")
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if stop.is_set():
+                consume.cancel()
+                continue
+            caught.append(signal.Signals(signum).name)
+            stop.set()
+            consume.deadline = min(consume.deadline, anyio.current_time() + grace_s)
+            logger.warning(
+                "stopping: no new input is read; in-flight problems get a grace period",
+                signal=caught[-1],
+                grace_s=grace_s,
+            )
+
+
 async def run_stream(args: argparse.Namespace, cfg: Config) -> int:
     """The ``stream`` command (after its arguments were checked)."""
     logger = structlog.get_logger("pipeline.cli")
@@ -149,8 +187,11 @@ async def run_stream(args: argparse.Namespace, cfg: Config) -> int:
     items: AsyncIterator[Problem | Result] = read_problems(args.input)
     if args.resume:
         items = _skip_written(items, done)
+    stop = anyio.Event()
+    items = _until_stopped(items, stop)
     writer = ResultWriter(args.output, args.submission, fallback=cfg.answer.fallback or 0)
     show_progress = sys.stderr.isatty() and not args.no_progress
+    caught: list[str] = []
     async with Pipeline(cfg) as pipeline:
         if pipeline.memory_plan is not None:
             logger.info("memory plan", plan=pipeline.memory_plan.describe())
@@ -159,15 +200,29 @@ async def run_stream(args: argparse.Namespace, cfg: Config) -> int:
         send, receive = anyio.create_memory_object_stream[Result](cfg.run.max_in_flight)
         async with anyio.create_task_group() as tg:
             tg.start_soon(writer.run, receive)
-            async with send:
-                if show_progress:
-                    await _stream_with_progress(pipeline, items, send, total)
-                else:
-                    async for result in pipeline.stream(items):
-                        await send.send(result)
+            with anyio.CancelScope() as consume:
+                async with anyio.create_task_group() as watch:
+                    watch.start_soon(_watch_signals, stop, consume, args.grace_s, caught)
+                    async with send:
+                        if show_progress:
+                            await _stream_with_progress(pipeline, items, send, total)
+                        else:
+                            async for result in pipeline.stream(items):
+                                await send.send(result)
+                    watch.cancel_scope.cancel()
+        if caught:
+            pipeline.abort()
         summary = pipeline.stats.summary()
     _print_summary(summary)
     logger.info("done", **summary)
+    if caught:
+        where = f"--output {args.output}" if args.output else "an --output file"
+        print(
+            f"interrupted by {caught[0]}: {writer.written} results written; unfinished problems were not. "
+            f"Run the same command with --resume and {where} to finish the rest.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 

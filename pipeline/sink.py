@@ -147,7 +147,7 @@ class ResultWriter:
                             break
                     await self._write(batch, out, sub)
         except OSError as e:
-            target = self.output if out is None or sub is None else f"{self.output} / {self.submission}"
+            target = " and ".join(f for f in (self.output or "standard output", self.submission) if f)
             raise OutputError(f"writing results to {target} failed: {e.strerror or e}") from e
         finally:
             for f in (out, sub):

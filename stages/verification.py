@@ -8,6 +8,7 @@ plain number), never torch.
 
 from __future__ import annotations
 
+import signal
 import time
 
 import anyio
@@ -22,8 +23,14 @@ from stages.extraction import check_answer
 Checked = tuple[int | None, str | None, str | None]
 
 
+def _ignore_interrupts() -> None:
+    # Ctrl-C reaches the whole process group; the parent decides when workers stop (it kills them).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def check_batch(texts: list[str], modulus: int | None, lo: int, hi: int) -> list[Checked]:
     """Runs in a worker process: ``check_answer`` on each text."""
+    _ignore_interrupts()
     return [check_answer(t, modulus=modulus, lo=lo, hi=hi) for t in texts]
 
 
@@ -31,6 +38,7 @@ def warm_up() -> bool:
     """Runs in a worker process at start-up: import what checking needs before the first real batch."""
     import math_verify  # noqa: F401
 
+    _ignore_interrupts()
     check_answer("\\boxed{\\frac{8}{2}}", modulus=None, lo=0, hi=10)
     return True
 

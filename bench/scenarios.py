@@ -125,6 +125,7 @@ async def pipeline(
         padding_share=round(stats.padded_tokens / max(1, stats.padded_tokens + stats.prompt_tokens), 3),
         model_busy_share=round(stats.busy_s / seconds, 3),
         errors=sum(r.status == "error" for r in results),
+        answers={str(r.id): r.answer for r in results},
     )
     return figures
 
@@ -155,3 +156,109 @@ def run_pipeline(
 ) -> Figures:
     """``pipeline`` from synchronous code."""
     return anyio.run(lambda: pipeline(problems, backend, settings, name=name))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+async def load(
+    problems: list[Problem], backend: Backend, settings: Settings, rate: float | None, *, seed: int = 0
+) -> Figures:
+    """Submit problems as an arrival process and measure each one's latency (submit to result).
+
+    ``rate`` problems/s with exponential gaps (Poisson arrivals); ``None`` is the Kaggle gateway: one
+    ``solve()`` at a time, the next only after the previous answer.
+    """
+    import random
+
+    rng = random.Random(seed)
+    cfg = settings.config()
+    latencies: list[float] = []
+    async with Pipeline(cfg, backend=backend) as p:
+        start = time.perf_counter()
+
+        async def one(problem: Problem) -> None:
+            t0 = time.perf_counter()
+            await p.solve(replace(problem, submitted=t0))
+            latencies.append(time.perf_counter() - t0)
+
+        if rate is None:
+            for problem in problems:
+                await one(problem)
+        else:
+            async with anyio.create_task_group() as tg:
+                for problem in problems:
+                    tg.start_soon(one, problem)
+                    await anyio.sleep(rng.expovariate(rate))
+        seconds = time.perf_counter() - start
+    return {
+        "scenario": "load",
+        "arrival": "gateway (one at a time)" if rate is None else f"poisson {rate:g}/s",
+        "rate": rate,
+        "problems": len(problems),
+        "seconds": round(seconds, 3),
+        "problems_per_s": round(len(problems) / seconds, 3),
+        "latency_p50_s": round(_percentile(latencies, 50), 3),
+        "latency_p95_s": round(_percentile(latencies, 95), 3),
+        "latency_p99_s": round(_percentile(latencies, 99), 3),
+    }
+
+
+async def memory(
+    problems: list[Problem], backend: Backend, settings: Settings, *, interval_s: float = 0.05
+) -> Figures:
+    """Stream ``problems`` while sampling this process's RSS (and GPU memory where present)."""
+    import psutil
+
+    proc = psutil.Process()
+    samples: list[tuple[float, float, float | None]] = []
+    cuda = getattr(backend, "device", "cpu") == "cuda"
+
+    def gpu_mb() -> float | None:
+        if not cuda:
+            return None
+        import torch
+
+        return round(torch.cuda.memory_allocated() / 2**20, 1)
+
+    cfg = settings.config()
+    done = 0
+    async with Pipeline(cfg, backend=backend) as p:
+        start = time.perf_counter()
+
+        async def sampler() -> None:
+            while True:
+                samples.append(
+                    (
+                        round(time.perf_counter() - start, 3),
+                        round(proc.memory_info().rss / 2**20, 1),
+                        gpu_mb(),
+                    )
+                )
+                await anyio.sleep(interval_s)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sampler)
+            async for _ in p.stream(problems):
+                done += 1
+            tg.cancel_scope.cancel()
+        seconds = time.perf_counter() - start
+    rss = [s[1] for s in samples]
+    half = rss[len(rss) // 2 :] or rss
+    return {
+        "scenario": "memory",
+        "problems": done,
+        "seconds": round(seconds, 3),
+        "problems_per_s": round(done / seconds, 3),
+        "rss_start_mb": rss[0],
+        "rss_peak_mb": max(rss),
+        "rss_end_mb": rss[-1],
+        # flat memory: the second half of the run grows by (almost) nothing
+        "rss_growth_second_half_mb": round(max(half) - half[0], 1),
+        "samples": samples,
+    }

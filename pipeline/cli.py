@@ -229,6 +229,7 @@ async def run_stream(args: argparse.Namespace, cfg: Config) -> int:
 async def _stream_with_progress(
     pipeline: Pipeline, items: AsyncIterator[Problem | Result], send: Any, total: int | None
 ) -> None:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (
@@ -238,7 +239,7 @@ async def _stream_with_progress(
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, transient=False) as progress:
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         task = progress.add_task("solve", total=total, rate="")
         async for result in pipeline.stream(items):
             await send.send(result)

@@ -103,7 +103,7 @@ class Harness:
     def backend(self, dtype: str | None = None) -> Backend:
         """The model (loaded once), or the scripted backend with ``--fake``."""
         if self.args.fake:
-            return FakeBackend(delay_s=self.args.fake_delay_ms / 1000.0)
+            return FakeBackend(delay_s=self.args.fake_delay_ms / 1000.0, record=False)
         if self._backend is None or (dtype and getattr(self._backend, "dtype", None) != dtype):
             if self._backend is not None:
                 self._backend.close()

@@ -139,7 +139,7 @@ async def overhead(settings: Settings) -> Figures:
     cfg = settings.config().replace(
         batch={"max_batch_size": 64, "max_wait_ms": 1.0}, run={"max_in_flight": 256}
     )
-    async with Pipeline(cfg, backend=FakeBackend()) as p:
+    async with Pipeline(cfg, backend=FakeBackend(record=False)) as p:
         start = time.perf_counter()
         results = [r async for r in p.stream(problems)]
         seconds = time.perf_counter() - start

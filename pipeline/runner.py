@@ -27,7 +27,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.cache import ResultCache, cache_key
 from pipeline.config import Config
-from pipeline.items import Candidate, Encoded, Generation, Job, Problem, Result
+from pipeline.items import Candidate, Encoded, Generation, Job, Problem, Result, error_result
 from stages import extraction, tokenization
 from stages.backends.base import Backend
 from stages.inference import Inference
@@ -182,9 +182,20 @@ class Engine:
                 await self._deliver(hit, route)
                 return
             self._serial += 1
-            self._by_key[key] = self._serial
-            self._waiters[self._serial] = [_Waiter(item, route)]
-            await self._jobs_send.send(Job(problem=item, key=key, serial=self._serial))
+            serial = self._serial
+            self._by_key[key] = serial
+            self._waiters[serial] = [_Waiter(item, route)]
+            try:
+                await self._jobs_send.send(Job(problem=item, key=key, serial=serial))
+            except BaseException:
+                # never submitted: problems that chose to follow it must not wait for it
+                del self._by_key[key]
+                with anyio.CancelScope(shield=True):  # route channels hold all admitted work: no wait
+                    for w in self._waiters.pop(serial)[1:]:
+                        p = w.problem
+                        reason = "cancelled before it was solved"
+                        await self._deliver(error_result(p.id, reason, line=p.line, gold=p.answer), w.route)
+                raise
         except BaseException:
             route.outstanding -= 1
             self.slots.release()

@@ -7,6 +7,9 @@ a fast stream does not pay a thread hop per line, and a crash loses nothing that
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
 import os
 import sys
@@ -152,7 +155,8 @@ class ResultWriter:
         finally:
             for f in (out, sub):
                 if f is not None:
-                    await f.close()
+                    with contextlib.suppress(OSError):  # the write error above is the one to report
+                        await f.close()
 
     async def _write(self, batch: list[Result], out: Any, sub: Any) -> None:
         text = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in batch)
@@ -162,9 +166,11 @@ class ResultWriter:
         else:
             await anyio.to_thread.run_sync(self._to_stdout, text)
         if sub is not None:
-            rows = "".join(
-                f"{r.id},{submission_answer(r, self.fallback)}\n" for r in batch if r.id is not None
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerows(
+                (r.id, submission_answer(r, self.fallback)) for r in batch if r.id is not None
             )
+            rows = buf.getvalue()
             if rows:
                 await sub.write(rows)
                 await sub.flush()

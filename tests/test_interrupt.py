@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 N = 30
 
@@ -77,15 +79,18 @@ def test_sigkill_midway_then_resume_gives_every_id_exactly_once(tmp_path: Path):
     assert after[: len(before)] == before  # finished answers were kept, not redone
 
 
-def test_sigint_stops_reading_finishes_in_flight_and_says_how_to_resume(tmp_path: Path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_reading_finishes_in_flight_and_says_how_to_resume(
+    tmp_path: Path, sig: signal.Signals
+):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = write_input(inp)
     proc = start(inp, out, "--grace-s", "60")
     wait_for_lines(out, 2, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "interrupted by SIGINT" in err and "--resume" in err
+    assert f"interrupted by {sig.name}" in err and "--resume" in err
     first = ids_in(out)
     assert 2 <= len(first) < N
     # in-flight problems were allowed to finish: nothing admitted was dropped, so at most
@@ -94,3 +99,12 @@ def test_sigint_stops_reading_finishes_in_flight_and_says_how_to_resume(tmp_path
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert sorted(ids_in(out)) == sorted(ids)
+
+
+def test_a_failing_output_disk_exits_1_with_a_clear_message(tmp_path: Path):
+    inp = tmp_path / "in.jsonl"
+    write_input(inp)
+    proc = start(inp, Path("/dev/full"))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert "error: writing results to /dev/full failed: No space left on device" in err

@@ -33,7 +33,9 @@ class FakeBackend:
     """A ``Backend`` whose outputs come from ``responder``.
 
     ``delay_s`` is slept per ``generate`` call (a model's cost, without using the CPU); ``fail`` may
-    raise for a batch of problem texts (fault injection). ``calls`` records each batch's problem texts.
+    raise for a batch of problem texts (fault injection). With ``record`` (the default), ``calls``
+    records each batch's problem texts and the responder is told how often it saw a text; benchmarks
+    turn it off so the fake's own bookkeeping does not grow.
     """
 
     def __init__(
@@ -44,12 +46,14 @@ class FakeBackend:
         max_context: int = 1_000_000,
         fail: Callable[[list[str]], None] | None = None,
         model_id: str = "fake",
+        record: bool = True,
     ) -> None:
         self.responder = responder
         self.delay_s = delay_s
         self.max_context = max_context
         self.fail = fail
         self.model_id = model_id
+        self.record = record
         self.calls: list[list[str]] = []
         self._seen: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -63,17 +67,20 @@ class FakeBackend:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Output]:
         """Calls the responder once per prompt."""
         texts = ["".join(map(chr, p)) for p in prompts]
-        with self._lock:
-            self.calls.append(texts)
+        if self.record:
+            with self._lock:
+                self.calls.append(texts)
         if self.fail is not None:
             self.fail(texts)
         if self.delay_s:
             time.sleep(self.delay_s)
         outputs = []
         for t in texts:
-            with self._lock:
-                nth = self._seen[t]
-                self._seen[t] += 1
+            nth = 0
+            if self.record:
+                with self._lock:
+                    nth = self._seen[t]
+                    self._seen[t] += 1
             out = self.responder(t, nth)
             outputs.append(Output(text=out, new_tokens=max(1, len(out.split()))))
         return outputs

@@ -15,6 +15,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def throughput_vs_batch(rows: list[dict[str, Any]], path: Path) -> Path:
     """Problems/s against batch size."""
     plt = _pyplot()
@@ -25,11 +33,7 @@ def throughput_vs_batch(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("problems / s")
     ax.set_title("Pipeline throughput against batch size")
     ax.set_xticks(sizes)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
 
 
 def latency_vs_rate(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -46,11 +50,7 @@ def latency_vs_rate(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("latency (s)")
     ax.set_title("Latency against arrival rate")
     ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
 
 
 def memory_over_time(samples: list[list[Any]], path: Path) -> Path:
@@ -65,11 +65,7 @@ def memory_over_time(samples: list[list[Any]], path: Path) -> Path:
     ax.set_ylim(bottom=0)
     ax.set_title("Memory over a long stream")
     ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
 
 
 def for_report(kind: str, report: dict[str, Any], out: Path) -> list[Path]:

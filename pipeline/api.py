@@ -148,6 +148,7 @@ class Pipeline:
                 await tg.__aexit__(exc_type, exc, tb)
         finally:
             if engine is not None:
+                await engine.verification.aclose()
                 engine.cache.close()
             if self._own_backend and self._backend is not None:
                 self._backend.close()

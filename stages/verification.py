@@ -1,6 +1,6 @@
 """The verification stage: a pool of worker processes checks each sample's answer.
 
-Workers are ``anyio.to_process`` processes (a dead one is replaced by the pool); each call carries a
+Workers are ``stages.workers.WorkerPool`` processes (a dead one is replaced); each call carries a
 batch of outputs, so the cost of crossing a process boundary is paid once per batch. The worker
 function imports only the light ``stages.extraction`` (and ``math-verify`` when an answer is not a
 plain number), never torch.
@@ -8,29 +8,21 @@ plain number), never torch.
 
 from __future__ import annotations
 
-import signal
 import time
 
-import anyio
-import anyio.to_process
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.batching import MicroBatcher
 from pipeline.config import Config
 from pipeline.items import Candidate, Generation, Result
 from stages.extraction import check_answer
+from stages.workers import WorkerDied, WorkerPool
 
 Checked = tuple[int | None, str | None, str | None]
 
 
-def _ignore_interrupts() -> None:
-    # Ctrl-C reaches the whole process group; the parent decides when workers stop (it kills them).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def check_batch(texts: list[str], modulus: int | None, lo: int, hi: int) -> list[Checked]:
     """Runs in a worker process: ``check_answer`` on each text."""
-    _ignore_interrupts()
     return [check_answer(t, modulus=modulus, lo=lo, hi=hi) for t in texts]
 
 
@@ -38,7 +30,6 @@ def warm_up() -> bool:
     """Runs in a worker process at start-up: import what checking needs before the first real batch."""
     import math_verify  # noqa: F401
 
-    _ignore_interrupts()
     check_answer("\\boxed{\\frac{8}{2}}", modulus=None, lo=0, hi=10)
     return True
 
@@ -48,18 +39,17 @@ class Verification:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.workers = anyio.CapacityLimiter(cfg.run.verify_workers)
+        self.pool = WorkerPool(cfg.run.verify_workers)
         self.batches = 0
         self.worker_failures = 0
 
     async def start(self) -> None:
         """Start the worker processes now, so the first batch does not pay for it."""
-        async with anyio.create_task_group() as tg:
-            for _ in range(self.cfg.run.verify_workers):
-                tg.start_soon(self._warm)
+        await self.pool.start(warm_up)
 
-    async def _warm(self) -> None:
-        await anyio.to_process.run_sync(warm_up, limiter=self.workers)
+    async def aclose(self) -> None:
+        """Stop the worker processes."""
+        await self.pool.aclose()
 
     async def _check(self, gens: list[Generation]) -> list[Candidate]:
         a = self.cfg.answer
@@ -68,13 +58,12 @@ class Verification:
         reason: str | None = None
         checked: list[Checked] | None = None
         try:
-            with anyio.fail_after(self.cfg.run.verify_timeout_s):
-                checked = await anyio.to_process.run_sync(
-                    check_batch, texts, a.modulus, a.min, a.max, limiter=self.workers
-                )
+            checked = await self.pool.run(
+                check_batch, texts, a.modulus, a.min, a.max, limit_s=self.cfg.run.verify_timeout_s
+            )
         except TimeoutError:
             reason = f"verification took longer than {self.cfg.run.verify_timeout_s:g} s"
-        except anyio.BrokenWorkerProcess as e:
+        except WorkerDied as e:
             reason = f"verification worker died: {e}"
         self.batches += 1
         elapsed = time.perf_counter() - started

@@ -155,15 +155,9 @@ def test_cancelling_a_run_leaves_no_task_or_process_behind():
                     got += 1
                     if got == 5:
                         scope.cancel()  # as Ctrl-C or a notebook's interrupt would, mid-stream
-        # anyio's own process-pool janitor lives until the loop ends, then stops the worker processes
-        left = [
-            t
-            for t in asyncio.all_tasks()
-            if t is not asyncio.current_task()
-            and not t.done()
-            and t.get_name() != "AnyIO process pool shutdown task"
-        ]
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
         assert not left, left
+        assert not ({c.pid for c in children()} - before)  # the worker processes are gone already
         return got
 
     got = anyio.run(scenario)

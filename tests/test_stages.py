@@ -96,7 +96,10 @@ async def test_verification_checks_answers_in_worker_processes():
         Generation(encoded=e, index=1, text="\\boxed{1000}", new_tokens=3),
         Generation(encoded=e, index=2, text="", new_tokens=0, error="model failed"),
     ]
-    out = await run_stage(v.run, gens)
+    try:
+        out = await run_stage(v.run, gens)
+    finally:
+        await v.aclose()
     by_index = {c.generation.index: c for c in out}
     assert by_index[0].answer == 42 and by_index[0].extracted == "\\frac{84}{2}"
     assert by_index[1].answer is None and "outside the range 0-100" in (by_index[1].reason or "")

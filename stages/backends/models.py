@@ -93,7 +93,14 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     """
     if _is_hf_folder(target):
         return target
+    import structlog
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    structlog.get_logger("pipeline.model").info(
+        "converting the model to safetensors once; later runs load the converted copy",
+        source=str(gguf),
+        target=str(target),
+    )
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))

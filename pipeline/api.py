@@ -122,7 +122,18 @@ class Pipeline:
         except Exception as e:
             raise PipelineError(f"cannot open the result cache in {cfg.cache.dir}: {e}") from e
         self._engine = Engine(cfg, backend, cache, max_tokens)
-        await self._engine.verification.start()
+        try:
+            await self._engine.verification.start()
+        except BaseException as e:
+            await self._engine.verification.aclose()
+            cache.close()
+            if self._own_backend:
+                backend.close()
+                self._backend = None
+            self._engine = None
+            if isinstance(e, Exception):
+                raise PipelineError(f"cannot start the verification worker processes: {e}") from e
+            raise
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._engine.start(self._tg)

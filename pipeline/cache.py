@@ -82,8 +82,6 @@ class ResultCache:
         self._store = SQLiteStore(directory) if directory else None
         # sqlite3 connections are not safe for concurrent use: one thread at a time.
         self._io = anyio.CapacityLimiter(1)
-        self.hits = 0
-        self.misses = 0
 
     async def get(self, problem: Problem, key: str) -> Result | None:
         """A cached result re-addressed to ``problem`` (status ``cached``), or ``None`` on a miss."""
@@ -93,9 +91,7 @@ class ResultCache:
             if stored is not None and self._lru is not None:
                 self._lru[key] = stored
         if stored is None:
-            self.misses += 1
             return None
-        self.hits += 1
         return dataclasses.replace(
             stored,
             id=problem.id,

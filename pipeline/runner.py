@@ -15,7 +15,6 @@ the backpressure, and host memory stays flat however long the input is.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass, field, replace
@@ -227,7 +226,3 @@ class Engine:
                     status = "error" if result.status == "error" else "cached"
                     shared = replace(result, id=p.id, line=p.line, gold=p.answer, status=status)
                     await self._deliver(shared, w.route)
-
-    def batch_token_cap(self) -> float:
-        """The inference stage's current token cap (infinite when unbounded)."""
-        return self.inference.max_batch_tokens or math.inf

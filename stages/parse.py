@@ -34,7 +34,7 @@ class InputError(ValueError):
     """The input as a whole cannot be read (missing file, a directory, unknown format)."""
 
 
-def _gold(value: Any, line: int | None) -> int | None:
+def _gold(value: Any) -> int | None:
     if value is None or value == "":
         return None
     if isinstance(value, bool):
@@ -83,7 +83,7 @@ def record_to_problem(record: Any, line: int | None = None) -> Problem | Result:
     if not text.strip():
         return error_result(pid, f"{where}field '{text_field}' is empty", line=line)
     try:
-        gold = _gold(record.get("answer"), line)
+        gold = _gold(record.get("answer"))
     except ValueError as e:
         return error_result(pid, f"{where}{e}", line=line)
     return Problem(id=pid, text=text, answer=gold, line=line)

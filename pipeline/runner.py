@@ -30,7 +30,7 @@ from pipeline.items import Candidate, Encoded, Generation, Job, Problem, Result,
 from stages import extraction, tokenization
 from stages.backends.base import Backend
 from stages.inference import Inference
-from stages.parse import problems_from_records
+from stages.parse import RecordConverter
 from stages.verification import Verification
 
 
@@ -149,13 +149,14 @@ class Engine:
 
     async def feed(self, items: AsyncIterable[Any] | Iterable[Any], route: Route) -> None:
         """Admit every item of one stream: parse errors and cache hits go straight to the route."""
+        convert = RecordConverter()
         try:
             if isinstance(items, AsyncIterable):
                 async for item in items:
-                    await self._admit(item, route)
+                    await self._admit(convert(item), route)
             else:
-                for item in problems_from_records(items):
-                    await self._admit(item, route)
+                for item in items:
+                    await self._admit(convert(item), route)
         except Exception as e:  # the input itself failed (a read error): the caller's stream raises it
             route.error = e
         finally:
@@ -163,8 +164,6 @@ class Engine:
             route.finish_if_done()
 
     async def _admit(self, item: Problem | Result, route: Route) -> None:
-        if not isinstance(item, (Problem, Result)):
-            item = next(iter(problems_from_records([item])))
         await self.slots.acquire()
         route.outstanding += 1
         try:

@@ -6,8 +6,8 @@ standard input. Files are read in chunks, so memory stays flat on any length. Bl
 a UTF-8 byte-order mark and CRLF line ends are accepted; every other bad line becomes an error result
 and the rest of the input goes on.
 
-Duplicate ids: the first occurrence is solved; a later line with the same id gets an error result
-naming the line where the id was first seen.
+Duplicate ids (applied by ``RecordConverter`` in ``Pipeline.stream``): the first occurrence is solved;
+a later line with the same id gets an error result naming the line where the id was first seen.
 """
 
 from __future__ import annotations
@@ -200,22 +200,21 @@ async def _csv_problems(lines: AsyncIterator[tuple[int, bytes]]) -> AsyncIterato
 
 
 async def read_problems(source: str | Path) -> AsyncIterator[Problem | Result]:
-    """Every non-blank input line as a ``Problem`` or an error ``Result`` (duplicates included).
+    """Every non-blank input line as a ``Problem`` or an error ``Result``. Duplicate ids are left to
+    ``RecordConverter``, which ``Pipeline.stream`` applies to whatever it is given.
 
     Raises:
         InputError: the source cannot be opened (see ``check_source``).
     """
     fmt = check_source(source)
-    seen: dict[str, int | None] = {}
     items: AsyncIterator[Problem | Result | None]
     if fmt == "csv":
         items = _csv_problems(read_lines(source))
     else:
         items = (parse_json_line(raw, n) async for n, raw in read_lines(source))
     async for item in items:
-        if item is None:
-            continue
-        yield dedupe(item, seen)
+        if item is not None:
+            yield item
 
 
 def dedupe(item: Problem | Result, seen: dict[str, int | None]) -> Problem | Result:
@@ -235,15 +234,28 @@ def dedupe(item: Problem | Result, seen: dict[str, int | None]) -> Problem | Res
     return item
 
 
+class RecordConverter:
+    """Turns records given through the API (``Problem``s, ``Result``s, dicts, strings) into problems or
+    error results, applying the duplicate-id policy across one stream. A string's id is its position."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int | None] = {}
+        self.position = 0
+
+    def __call__(self, record: Any) -> Problem | Result:
+        """Convert the next record of the stream."""
+        item: Problem | Result
+        if isinstance(record, (Problem, Result)):
+            item = record
+        elif isinstance(record, str):
+            item = record_to_problem({"id": str(self.position), "problem": record})
+        else:
+            item = record_to_problem(record)
+        self.position += 1
+        return dedupe(item, self.seen)
+
+
 def problems_from_records(records: Iterable[Any]) -> Iterable[Problem | Result]:
     """Records given through the API (dicts, strings or ``Problem``s) as problems or error results."""
-    seen: dict[str, int | None] = {}
-    for n, rec in enumerate(records):
-        item: Problem | Result
-        if isinstance(rec, (Problem, Result)):
-            item = rec
-        elif isinstance(rec, str):
-            item = record_to_problem({"id": str(n), "problem": rec})
-        else:
-            item = record_to_problem(rec)
-        yield dedupe(item, seen)
+    convert = RecordConverter()
+    return (convert(r) for r in records)

@@ -6,7 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.items import Problem, Result
-from stages.parse import InputError, check_source, parse_json_line, read_problems, record_to_problem
+from stages.parse import (
+    InputError,
+    RecordConverter,
+    check_source,
+    parse_json_line,
+    read_problems,
+    record_to_problem,
+)
 
 
 async def collect(path) -> list[Problem | Result]:
@@ -63,7 +70,8 @@ def test_invalid_utf8_is_an_error_for_that_line_only():
 async def test_duplicates_first_is_solved_repeat_is_an_error(tmp_path: Path):
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps({"id": "x", "problem": f"q{i}"}) for i in range(3)) + "\n")
-    items = await collect(f)
+    convert = RecordConverter()
+    items = [convert(i) for i in await collect(f)]
     assert isinstance(items[0], Problem)
     for dup, line in zip(items[1:], (2, 3), strict=True):
         assert isinstance(dup, Result)

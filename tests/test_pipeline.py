@@ -172,3 +172,16 @@ async def test_pipeline_must_be_entered():
     p = Pipeline(small_config(), backend=FakeBackend())
     with pytest.raises(RuntimeError, match="async with Pipeline"):
         await p.solve("1+1")
+
+
+async def test_async_iterables_of_plain_records_get_positions_and_the_duplicate_policy():
+    async def source():
+        yield "What is 1 + 1?"
+        yield {"id": "x", "problem": "What is 2 + 2?"}
+        yield "What is 3 + 3?"
+        yield {"id": "x", "problem": "again"}
+
+    async with Pipeline(small_config(), backend=FakeBackend()) as p:
+        results = await collect(p, source())
+    by_line = sorted((str(r.id), r.status, r.answer) for r in results)
+    assert by_line == [("0", "ok", 2), ("2", "ok", 6), ("x", "error", None), ("x", "ok", 4)]

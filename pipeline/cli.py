@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -181,22 +180,23 @@ async def run_stream(args: argparse.Namespace, cfg: Config) -> int:
         logger.info(
             "resuming", output=args.output, already_written=done.count, repaired_last_line=done.repaired
         )
-    total = await anyio.to_thread.run_sync(_count_lines, args.input)
-    if total is not None:
-        total = max(0, total - done.count)
+    show_progress = sys.stderr.isatty() and not args.no_progress
+    total = None
+    if show_progress:  # the bar's total costs a second read of the input: only when a bar is shown
+        total = await anyio.to_thread.run_sync(_count_lines, args.input)
+        if total is not None:
+            total = max(0, total - done.count)
     items: AsyncIterator[Problem | Result] = read_problems(args.input)
     if args.resume:
         items = _skip_written(items, done)
     stop = anyio.Event()
     items = _until_stopped(items, stop)
     writer = ResultWriter(args.output, args.submission, fallback=cfg.answer.fallback or 0)
-    show_progress = sys.stderr.isatty() and not args.no_progress
     caught: list[str] = []
     async with Pipeline(cfg) as pipeline:
         if pipeline.memory_plan is not None:
             logger.info("memory plan", plan=pipeline.memory_plan.describe())
         logger.info("model loaded", model=pipeline.backend.model_id)
-        pipeline.stats.started = time.perf_counter()
         send, receive = anyio.create_memory_object_stream[Result](cfg.run.max_in_flight)
         async with anyio.create_task_group() as tg:
             tg.start_soon(writer.run, receive)

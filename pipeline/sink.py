@@ -37,10 +37,10 @@ class Written:
     count: int = 0
     repaired: bool = False
 
-    def has(self, result_or_id: str | None, line: int | None) -> bool:
+    def has(self, problem_id: str | None, line: int | None) -> bool:
         """Whether an input (by id, or by line for inputs without one) already has its result."""
-        if result_or_id is not None:
-            return result_or_id in self.ids
+        if problem_id is not None:
+            return problem_id in self.ids
         return line is not None and line in self.lines
 
 

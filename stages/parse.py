@@ -16,7 +16,7 @@ import csv
 import io
 import json
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -253,9 +253,3 @@ class RecordConverter:
             item = record_to_problem(record)
         self.position += 1
         return dedupe(item, self.seen)
-
-
-def problems_from_records(records: Iterable[Any]) -> Iterable[Problem | Result]:
-    """Records given through the API (dicts, strings or ``Problem``s) as problems or error results."""
-    convert = RecordConverter()
-    return (convert(r) for r in records)

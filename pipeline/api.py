@@ -39,9 +39,13 @@ def load_backend(cfg: Config) -> Backend:
     Raises:
         BackendError: the model is missing or cannot be loaded; the message says what to do.
     """
+    m = cfg.model
+    if m.backend == "vllm":
+        from stages.backends.vllm_backend import VllmBackend
+
+        return VllmBackend.load(cfg)
     from stages.backends.transformers_backend import TransformersBackend
 
-    m = cfg.model
     return TransformersBackend.load(m.path, device=m.device, dtype=m.dtype)
 
 
@@ -117,11 +121,18 @@ class Pipeline:
                 raise PipelineError(str(e)) from e
             if self.memory_plan is not None:
                 max_tokens = self.memory_plan.max_batch_tokens
+        configure = getattr(backend, "configure", None)
+        if configure is not None:  # a micro-batching backend (transformers, fake)
+            configure(
+                max_batch_size=cfg.batch.max_batch_size,
+                max_wait_s=cfg.batch.max_wait_ms / 1000.0,
+                max_batch_tokens=max_tokens,
+            )
         try:
             cache = ResultCache(cfg.cache.size, cfg.cache.dir)
         except Exception as e:
             raise PipelineError(f"cannot open the result cache in {cfg.cache.dir}: {e}") from e
-        self._engine = Engine(cfg, backend, cache, max_tokens)
+        self._engine = Engine(cfg, backend, cache)
         try:
             await self._engine.verification.start()
         except BaseException as e:
@@ -136,7 +147,19 @@ class Pipeline:
             raise
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._engine.start(self._tg)
+        try:
+            await self._tg.start(self._engine.run)
+        except BaseException as e:
+            self._tg.cancel_scope.cancel()
+            try:
+                await self._tg.__aexit__(type(e), e, e.__traceback__)
+            except BaseException:
+                pass
+            self._tg = None
+            await self.__aexit__(type(e), e, e.__traceback__)
+            if isinstance(e, BackendError):
+                raise PipelineError(str(e)) from e
+            raise
         self._engine.stats.started = time.perf_counter()
         self._stats = self._engine.stats
         return self
@@ -207,8 +230,10 @@ class Pipeline:
         finally:
             scope.cancel()
             self._feeders.remove(scope)
-            # The caller stopped early: give back the slots of results nobody will read. Results still
-            # being computed find the channel closed and give theirs back in the router.
+            if not route.fed_all or route.outstanding:
+                # The caller stopped early: problems only it waits for are cancelled in the engine.
+                engine.abandon(route)
+            # Give back the slots of results already made that nobody will read.
             while True:
                 try:
                     receive.receive_nowait()

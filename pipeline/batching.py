@@ -24,8 +24,9 @@ class MicroBatcher(Generic[T]):
     and drained.
 
     ``length(item)`` is the item's prompt length; a batch of ``n`` items of width ``w`` costs
-    ``n * (w + reserve)`` tokens (``reserve``: the tokens each row may still generate), which must stay
-    within ``max_tokens``. A single item over the cap is still returned alone: the caller decides.
+    ``n * (w + r)`` tokens, ``r`` the largest ``reserve`` in it (the tokens a row may still generate:
+    a number, or a function of the item), which must stay within ``max_tokens``. A single item over
+    the cap is still returned alone: the caller decides.
     ``drop(item)`` discards items that are no longer wanted (their problem finished early).
     """
 
@@ -36,7 +37,7 @@ class MicroBatcher(Generic[T]):
         max_size: int,
         max_wait_s: float,
         length: Callable[[T], int] = lambda _: 0,
-        reserve: int = 0,
+        reserve: int | Callable[[T], int] = 0,
         max_tokens: int | None = None,
         lookahead: int | None = None,
         drop: Callable[[T], bool] | None = None,
@@ -45,7 +46,7 @@ class MicroBatcher(Generic[T]):
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self.length = length
-        self.reserve = reserve
+        self.reserve: Callable[[T], int] = reserve if callable(reserve) else (lambda _, r=reserve: r)
         self.max_tokens = max_tokens if max_tokens is not None else math.inf
         self.lookahead = max(lookahead or 4 * max_size, max_size)
         self.drop = drop
@@ -97,14 +98,16 @@ class MicroBatcher(Generic[T]):
         )
         chosen = [0]
         width = anchor_len
+        reserve = self.reserve(anchor)
         for i in order:
             if len(chosen) >= self.max_size:
                 break
             w = max(width, self.length(self.pending[i]))
-            if (len(chosen) + 1) * (w + self.reserve) > self.max_tokens:
+            r = max(reserve, self.reserve(self.pending[i]))
+            if (len(chosen) + 1) * (w + r) > self.max_tokens:
                 continue
             chosen.append(i)
-            width = w
+            width, reserve = w, r
         picked = set(chosen)
         batch = [self.pending[i] for i in sorted(chosen)]
         self.pending = [p for i, p in enumerate(self.pending) if i not in picked]

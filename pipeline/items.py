@@ -65,17 +65,13 @@ class Encoded:
 
 
 @dataclass(frozen=True)
-class SampleRequest:
-    """One row of a generation batch: sample ``index`` of an encoded problem."""
-
-    encoded: Encoded
-    index: int
-    enqueued: float = field(default_factory=time.perf_counter, compare=False)
-
-
-@dataclass(frozen=True)
 class Generation:
-    """The model's output for one sample."""
+    """The model's output for one sample.
+
+    ``finish_reason`` is the backend's (``eos``, ``length``, ``stop``, ``aborted``); ``error`` is set
+    when the model failed for this sample (the sample's failure, not the run's). ``queue_s`` is how long
+    the sample waited for a request slot, ``inference_s`` how long its request took.
+    """
 
     encoded: Encoded
     index: int
@@ -84,6 +80,8 @@ class Generation:
     queue_s: float = 0.0
     inference_s: float = 0.0
     error: str | None = None
+    finish_reason: str = "eos"
+    logprobs: tuple[float, ...] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -113,6 +111,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     gold: int | None = None
     key: str | None = field(default=None, compare=False, repr=False)
+    serial: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def correct(self) -> bool | None:
@@ -148,6 +147,16 @@ def error_result(
     line: int | None = None,
     gold: int | None = None,
     key: str | None = None,
+    serial: int | None = None,
 ) -> Result:
     """A result for an item that could not be solved; ``reason`` is shown to the user."""
-    return Result(id=problem_id, answer=None, status="error", error=reason, line=line, gold=gold, key=key)
+    return Result(
+        id=problem_id,
+        answer=None,
+        status="error",
+        error=reason,
+        line=line,
+        gold=gold,
+        key=key,
+        serial=serial,
+    )

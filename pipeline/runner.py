@@ -8,7 +8,7 @@ feeder (one per stream() call)      engine (one per Pipeline, in its task group)
 ```
 
 Admission: a problem takes one of ``max_in_flight`` slots before anything is done for it and gives it
-back when the caller receives its result. Every stream between stages is sized to hold all admitted
+back when the caller receives its result (or abandons it). Every stream between stages is sized to hold all admitted
 work, so a slow consumer fills its route, slots run out, and the feeder stops reading input: that is
 the backpressure, and host memory stays flat however long the input is.
 """
@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
+import structlog
+from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.cache import ResultCache, cache_key
@@ -106,14 +107,12 @@ class _Waiter:
 class Engine:
     """The long-lived stages of one ``Pipeline``: started once, fed by any number of streams."""
 
-    def __init__(
-        self, cfg: Config, backend: Backend, cache: ResultCache, max_batch_tokens: int | None
-    ) -> None:
+    def __init__(self, cfg: Config, backend: Backend, cache: ResultCache) -> None:
         self.cfg = cfg
         self.backend = backend
         self.cache = cache
         self.fingerprint = cfg.fingerprint(backend.model_id)
-        self.inference = Inference(backend, cfg, max_batch_tokens)
+        self.inference = Inference(backend, cfg, wanted=lambda serial: serial in self._waiters)
         self.verification = Verification(cfg)
         self.slots = anyio.Semaphore(cfg.run.max_in_flight)
         self.stats = RunStats()
@@ -128,20 +127,30 @@ class Engine:
         self._candidates = anyio.create_memory_object_stream[Candidate | Result](rows)
         self._results = anyio.create_memory_object_stream[Result](cap)
 
-    def start(self, tg: TaskGroup) -> None:
-        """Start every stage in ``tg``; they run until ``close()`` and drain in order."""
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the backend's scheduler, then every stage; return once ``close()`` has let the stages
+        drain (the backend is then stopped).
+
+        Raises:
+            BackendError: the backend failed to start or died (through ``task_status`` at start).
+        """
         enc_send, enc_receive = self._encoded
         gen_send, gen_receive = self._generations
         cand_send, cand_receive = self._candidates
         res_send, res_receive = self._results
-        tg.start_soon(tokenization.run, self._jobs_receive, enc_send, self.backend, self.cfg)
-        tg.start_soon(self.inference.run, enc_receive, gen_send)
-        for _ in range(self.cfg.run.verify_workers):
-            tg.start_soon(self.verification.run, gen_receive.clone(), cand_send.clone())
-        gen_receive.close()
-        cand_send.close()
-        tg.start_soon(extraction.run, cand_receive, res_send, self.cfg)
-        tg.start_soon(self._route_results, res_receive)
+        async with anyio.create_task_group() as outer:
+            await outer.start(self.backend.serve)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tokenization.run, self._jobs_receive, enc_send, self.backend, self.cfg)
+                tg.start_soon(self.inference.run, enc_receive, gen_send)
+                for _ in range(self.cfg.run.verify_workers):
+                    tg.start_soon(self.verification.run, gen_receive.clone(), cand_send.clone())
+                gen_receive.close()
+                cand_send.close()
+                tg.start_soon(extraction.run, cand_receive, res_send, self.cfg)
+                tg.start_soon(self._route_results, res_receive)
+                task_status.started()
+            outer.cancel_scope.cancel()
 
     def close(self) -> None:
         """No more jobs: the stages finish what they hold and exit."""
@@ -175,29 +184,61 @@ class Engine:
             if serial is not None:  # the same problem is already being computed: share it
                 self._waiters[serial].append(_Waiter(item, route))
                 return
-            hit = await self.cache.get(item, key)
-            if hit is not None:
-                await self._deliver(hit, route)
-                return
+            # Reserve the key before any await, so an identical problem arriving meanwhile follows this
+            # one instead of becoming a second leader.
             self._serial += 1
             serial = self._serial
             self._by_key[key] = serial
             self._waiters[serial] = [_Waiter(item, route)]
-            try:
-                await self._jobs_send.send(Job(problem=item, key=key, serial=serial))
-            except BaseException:
-                # never submitted: problems that chose to follow it must not wait for it
-                del self._by_key[key]
-                with anyio.CancelScope(shield=True):  # route channels hold all admitted work: no wait
-                    for w in self._waiters.pop(serial)[1:]:
-                        p = w.problem
-                        reason = "cancelled before it was solved"
-                        await self._deliver(error_result(p.id, reason, line=p.line, gold=p.answer), w.route)
-                raise
         except BaseException:
             route.outstanding -= 1
             self.slots.release()
             raise
+        try:
+            hit = await self.cache.get(item, key)
+            if hit is None:
+                await self._jobs_send.send(Job(problem=item, key=key, serial=serial))
+                return
+        except BaseException:
+            # never submitted: whoever waits for it gets an error result instead of waiting forever
+            self._release_key(key, serial)
+            with anyio.CancelScope(shield=True):  # route channels hold all admitted work: no wait
+                for w in self._waiters.pop(serial, []):
+                    p = w.problem
+                    reason = "cancelled before it was solved"
+                    await self._deliver(error_result(p.id, reason, line=p.line, gold=p.answer), w.route)
+            raise
+        self._release_key(key, serial)
+        for w in self._waiters.pop(serial, []):
+            await self._deliver(
+                replace(hit, id=w.problem.id, line=w.problem.line, gold=w.problem.answer), w.route
+            )
+
+    def _release_key(self, key: str, serial: int) -> None:
+        if self._by_key.get(key) == serial:
+            del self._by_key[key]
+
+    def abandon(self, route: Route) -> int:
+        """The caller of ``route`` has gone: forget its waiters, give back their slots, and cancel the
+        problems nobody else waits for (their requests leave the engine). Returns how many were
+        cancelled."""
+        cancelled = 0
+        for serial in list(self._waiters):
+            waiters = self._waiters[serial]
+            keep = [w for w in waiters if w.route is not route]
+            for _ in range(len(waiters) - len(keep)):
+                route.outstanding -= 1
+                self.slots.release()
+            if keep:
+                self._waiters[serial] = keep
+                continue
+            del self._waiters[serial]
+            for key, s in list(self._by_key.items()):
+                if s == serial:
+                    del self._by_key[key]
+            self.inference.cancel(serial)
+            cancelled += 1
+        return cancelled
 
     async def _deliver(self, result: Result, route: Route) -> None:
         self.stats.record(result)
@@ -211,13 +252,21 @@ class Engine:
     async def _route_results(self, receive: Any) -> None:
         async with receive:
             async for result in receive:
-                key = result.key
-                serial = self._by_key.pop(key, None) if key is not None else None
-                waiters = self._waiters.pop(serial, []) if serial is not None else []
-                if not waiters:
+                serial = result.serial
+                if serial is None:
                     continue
-                if key is not None:
-                    await self.cache.put(key, result)
+                if result.key is not None:
+                    self._release_key(result.key, serial)
+                waiters = self._waiters.pop(serial, [])
+                if not waiters:  # everyone who asked has gone
+                    continue
+                if result.key is not None:
+                    try:
+                        await self.cache.put(result.key, result)
+                    except Exception as e:  # a cache failure is a warning; the answers go on
+                        structlog.get_logger("pipeline.cache").warning(
+                            "cannot store a result in the cache", error=f"{type(e).__name__}: {e}"
+                        )
                 leader, *followers = waiters
                 await self._deliver(result, leader.route)
                 for w in followers:

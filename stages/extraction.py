@@ -171,6 +171,7 @@ def build_result(candidates: list[Candidate], cfg: Config) -> Result:
         "new_tokens": sum(c.generation.new_tokens for c in candidates),
         "timings": timings,
         "key": encoded.job.key,
+        "serial": encoded.job.serial,
     }
     if answer is not None:
         return Result(answer=answer, status="ok", **common)

@@ -1,145 +1,197 @@
-"""The inference stage: a micro-batcher in front of one model thread.
+"""The inference stage: every sample is one request to the backend, sent on as soon as it completes.
 
-Each encoded problem becomes ``samples`` rows. The batcher (``pipeline.batching``) forms batches by
-size, token cap and wait time; ``generate`` runs in one dedicated thread (a ``CapacityLimiter(1)``), so
-the event loop keeps parsing, tokenizing and verifying while the model works.
+Each encoded problem becomes ``samples`` requests, each awaited by its own task in the stage's task
+group, so completions leave in completion order, not batch order. How many requests (and, optionally,
+tokens) are in the backend at once is bounded here: when the bound is reached the stage stops taking
+problems, and that block travels upstream as backpressure. Batching is the backend's business.
 
-Faults: an out-of-memory error splits the batch in halves and lowers the token cap; any other error
-retries the rows one at a time; a row that still fails becomes a ``Generation`` with ``error`` set.
+A problem's samples can be cancelled together (``cancel(serial)``: the caller went away, or, later, an
+early-stopping vote): cancelling a request's task aborts it in the engine. A cancelled sample still
+travels on as a ``Generation`` with ``finish_reason="aborted"``, so downstream counts stay whole.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import anyio
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.batching import MicroBatcher
 from pipeline.config import Config
-from pipeline.items import Encoded, Generation, Result, SampleRequest
-from stages.backends.base import Backend, SamplingParams
+from pipeline.items import Encoded, Generation, Result
+from stages.backends.base import Backend, Completion, Request, SamplingParams, sample_seed
 
 
 class InferenceStats:
     """Counters the summary and the benchmarks read."""
 
     def __init__(self) -> None:
-        self.batches = 0
-        self.rows = 0
-        self.padded_tokens = 0
+        self.requests = 0
+        self.completed = 0
+        self.failed = 0
+        self.aborted = 0
         self.prompt_tokens = 0
         self.new_tokens = 0
-        self.busy_s = 0.0
-        self.oom_splits = 0
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+
+class TokenGate:
+    """At most ``limit`` tokens held at once; a holder larger than the limit waits until it is alone."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.held = 0
+        self._changed = anyio.Event()
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait until ``tokens`` fit (or nothing else is held)."""
+        if self.limit is None:
+            return
+        while self.held and self.held + tokens > self.limit:
+            await self._changed.wait()
+        self.held += tokens
+
+    def release(self, tokens: int) -> None:
+        """Give ``tokens`` back."""
+        if self.limit is None:
+            return
+        self.held -= tokens
+        self._changed.set()
+        self._changed = anyio.Event()
 
 
 class Inference:
-    """The stage's state: the model thread's limiter, the token cap, the counters."""
+    """The stage's state: the request and token bounds, per-problem cancel scopes, counters.
 
-    def __init__(self, backend: Backend, cfg: Config, max_batch_tokens: int | None) -> None:
+    ``wanted(serial)`` says whether anyone still waits for a problem; one nobody wants is skipped.
+    """
+
+    def __init__(self, backend: Backend, cfg: Config, wanted: Callable[[int], bool] | None = None) -> None:
         self.backend = backend
         self.cfg = cfg
-        self.max_batch_tokens = max_batch_tokens
-        self.model_thread = anyio.CapacityLimiter(1)
+        self.wanted = wanted or (lambda _: True)
+        self.max_requests = cfg.run.max_in_flight * cfg.generation.samples
+        self._requests = anyio.Semaphore(self.max_requests)
+        self._tokens = TokenGate(cfg.run.max_tokens_in_flight)
+        self._scopes: dict[int, list[anyio.CancelScope]] = {}
         self.stats = InferenceStats()
-        self._batch_no = 0
 
-    def _params(self) -> SamplingParams:
+    def params(self, encoded: Encoded, index: int) -> SamplingParams:
+        """The sampling settings of sample ``index``; its seed depends on the problem and the index only."""
         g = self.cfg.generation
-        self._batch_no += 1
         return SamplingParams(
             max_new_tokens=g.max_new_tokens,
             greedy=g.greedy,
             temperature=g.temperature,
             top_p=g.top_p,
-            seed=g.seed + self._batch_no,
+            min_p=g.min_p,
+            seed=sample_seed(g.seed, encoded.job.key, index),
         )
 
-    async def _generate(self, rows: Sequence[SampleRequest]) -> list[Generation]:
-        prompts = [r.encoded.prompt_ids for r in rows]
-        started = time.perf_counter()
-        try:
-            outputs = await anyio.to_thread.run_sync(
-                self.backend.generate, prompts, self._params(), limiter=self.model_thread
-            )
-            if len(outputs) != len(rows):
-                raise RuntimeError(f"backend returned {len(outputs)} outputs for {len(rows)} prompts")
-        except Exception as e:  # the model's failure is these rows' failure; the run goes on
-            if self.backend.is_out_of_memory(e):
-                if len(rows) == 1:
-                    return [self._failed(rows[0], "out of memory even in a batch of one")]
-                self.stats.oom_splits += 1
-                width = max(len(p) for p in prompts) + self.cfg.generation.max_new_tokens
-                self.max_batch_tokens = max(1, (len(rows) // 2) * width)
-                half = len(rows) // 2
-                return [*(await self._generate(rows[:half])), *(await self._generate(rows[half:]))]
-            if len(rows) > 1:
-                out: list[Generation] = []
-                for r in rows:
-                    out.extend(await self._generate([r]))
-                return out
-            return [self._failed(rows[0], f"{type(e).__name__}: {e}")]
-        elapsed = time.perf_counter() - started
-        width = max(len(p) for p in prompts)
-        s = self.stats
-        s.batches += 1
-        s.rows += len(rows)
-        s.padded_tokens += sum(width - len(p) for p in prompts)
-        s.prompt_tokens += sum(len(p) for p in prompts)
-        s.new_tokens += sum(o.new_tokens for o in outputs)
-        s.busy_s += elapsed
-        return [
-            Generation(
-                encoded=r.encoded,
-                index=r.index,
-                text=o.text,
-                new_tokens=o.new_tokens,
-                queue_s=started - r.enqueued,
-                inference_s=elapsed,
-            )
-            for r, o in zip(rows, outputs, strict=True)
-        ]
-
-    @staticmethod
-    def _failed(row: SampleRequest, reason: str) -> Generation:
-        return Generation(encoded=row.encoded, index=row.index, text="", new_tokens=0, error=reason)
+    def cancel(self, serial: int) -> None:
+        """Abort every running sample of problem ``serial`` (each still sends an aborted Generation)."""
+        for scope in self._scopes.get(serial, []):
+            scope.cancel()
 
     async def run(
         self,
         receive: MemoryObjectReceiveStream[Encoded | Result],
         send: MemoryObjectSendStream[Generation | Result],
     ) -> None:
-        """Expand problems into sample rows, batch them, generate, and send each sample on."""
-        capacity = self.cfg.run.max_in_flight * self.cfg.generation.samples
-        rows_send, rows_receive = anyio.create_memory_object_stream[SampleRequest](capacity)
-        async with anyio.create_task_group() as tg, send:
-            tg.start_soon(self._expand, receive, rows_send, send.clone())
-            batcher = MicroBatcher(
-                rows_receive,
-                max_size=self.cfg.batch.max_batch_size,
-                max_wait_s=self.cfg.batch.max_wait_ms / 1000.0,
-                length=lambda r: r.encoded.prompt_tokens,
-                reserve=self.cfg.generation.max_new_tokens,
-                max_tokens=self.max_batch_tokens,
-            )
-            async with rows_receive:
-                while (batch := await batcher.next_batch()) is not None:
-                    for generation in await self._generate(batch):
-                        await send.send(generation)
-                    batcher.max_tokens = self.max_batch_tokens or batcher.max_tokens
-
-    async def _expand(
-        self,
-        receive: MemoryObjectReceiveStream[Encoded | Result],
-        rows: MemoryObjectSendStream[SampleRequest],
-        passthrough: MemoryObjectSendStream[Generation | Result],
-    ) -> None:
-        async with receive, rows, passthrough:
+        """Submit every sample of every problem as a request; send each ``Generation`` as it completes."""
+        async with receive, send, anyio.create_task_group() as tg:
             async for item in receive:
                 if isinstance(item, Result):
-                    await passthrough.send(item)
+                    await send.send(item)
                     continue
-                for index in range(self.cfg.generation.samples):
-                    await rows.send(SampleRequest(encoded=item, index=index))
+                serial = item.job.serial
+                if not self.wanted(serial):
+                    continue
+                samples = self.cfg.generation.samples
+                scopes = [anyio.CancelScope() for _ in range(samples)]
+                self._scopes[serial] = scopes
+                live = [samples]
+                for index, scope in enumerate(scopes):
+                    await self._submit(tg, item, index, scope, live, send)
+
+    async def _submit(
+        self,
+        tg: TaskGroup,
+        encoded: Encoded,
+        index: int,
+        scope: anyio.CancelScope,
+        live: list[int],
+        send: MemoryObjectSendStream[Generation | Result],
+    ) -> None:
+        waited = time.perf_counter()
+        params = self.params(encoded, index)
+        tokens = encoded.prompt_tokens + params.max_new_tokens
+        await self._requests.acquire()
+        try:
+            await self._tokens.acquire(tokens)
+        except BaseException:
+            self._requests.release()
+            raise
+        request = Request(id=f"{encoded.job.serial}-{index}", prompt_ids=encoded.prompt_ids, params=params)
+        queue_s = time.perf_counter() - waited
+        tg.start_soon(self._sample, encoded, index, request, scope, live, send, queue_s, tokens)
+
+    async def _sample(
+        self,
+        encoded: Encoded,
+        index: int,
+        request: Request,
+        scope: anyio.CancelScope,
+        live: list[int],
+        send: MemoryObjectSendStream[Generation | Result],
+        queue_s: float,
+        tokens: int,
+    ) -> None:
+        s = self.stats
+        s.requests += 1
+        s.in_flight += 1
+        s.peak_in_flight = max(s.peak_in_flight, s.in_flight)
+        started = time.perf_counter()
+        completion: Completion | None = None
+        error: str | None = None
+        try:
+            with scope:
+                try:
+                    completion = await self.backend.generate(request)
+                except Exception as e:  # the model's failure is this sample's failure; the run goes on
+                    error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        finally:
+            s.in_flight -= 1
+            self._tokens.release(tokens)
+            self._requests.release()
+            live[0] -= 1
+            if live[0] == 0:
+                self._scopes.pop(encoded.job.serial, None)
+        elapsed = time.perf_counter() - started
+        if completion is not None:
+            s.completed += 1
+            s.prompt_tokens += encoded.prompt_tokens
+            s.new_tokens += completion.new_tokens
+            text, new_tokens, reason = completion.text, completion.new_tokens, completion.finish_reason
+        elif error is not None:
+            s.failed += 1
+            text, new_tokens, reason = "", 0, "error"
+        else:
+            s.aborted += 1
+            text, new_tokens, reason, error = "", 0, "aborted", "cancelled"
+        await send.send(
+            Generation(
+                encoded=encoded,
+                index=index,
+                text=text,
+                new_tokens=new_tokens,
+                queue_s=queue_s,
+                inference_s=elapsed,
+                error=error,
+                finish_reason=reason,
+                logprobs=completion.logprobs if completion is not None else None,
+            )
+        )

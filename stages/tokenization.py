@@ -32,6 +32,7 @@ def encode(job: Job, backend: Backend, cfg: Config) -> Encoded | Result:
             line=problem.line,
             gold=problem.answer,
             key=job.key,
+            serial=job.serial,
         )
     budget = backend.max_context - cfg.generation.max_new_tokens
     if len(ids) > budget:
@@ -43,6 +44,7 @@ def encode(job: Job, backend: Backend, cfg: Config) -> Encoded | Result:
             line=problem.line,
             gold=problem.answer,
             key=job.key,
+            serial=job.serial,
         )
     return Encoded(job=job, prompt_ids=tuple(ids), tokenize_s=time.perf_counter() - start)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 
 from pipeline import Pipeline
-from stages.backends.base import Backend, SamplingParams
+from stages.backends.base import Backend, Request, SamplingParams
 from stages.backends.models import DEFAULT_MODEL_NAME, cache_root, resolve_model
 from stages.backends.transformers_backend import choose_device_dtype
 from tests.conftest import small_config
@@ -34,17 +34,83 @@ def test_auto_device_and_dtype_on_cpu():
     assert choose_device_dtype("cpu", "float32") == ("cpu", "float32")
 
 
-def test_batched_generation_matches_one_at_a_time(real_backend: Backend):
+async def _generate_all(backend, requests, *, together=True):
+    """Completions for ``requests``: submitted at once (one batch) or one after another."""
+    out = {}
+
+    async def one(r):
+        out[r.id] = await backend.generate(r)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(backend.serve)
+        if together:
+            async with anyio.create_task_group() as inner:
+                for r in requests:
+                    inner.start_soon(one, r)
+        else:
+            for r in requests:
+                await one(r)
+        tg.cancel_scope.cancel()
+    return [out[r.id] for r in requests]
+
+
+def _prompts(backend):
     msgs = [
         [{"role": "user", "content": q}] for q in ("What is 2 + 2?", "Name a prime number bigger than 10.")
     ]
-    prompts = [real_backend.encode(m) for m in msgs]
+    return [tuple(backend.encode(m)) for m in msgs]
+
+
+async def test_batched_generation_matches_one_at_a_time(real_backend: Backend):
+    prompts = _prompts(real_backend)
     assert len(prompts[0]) != len(prompts[1])  # so left padding is exercised
-    params = SamplingParams(max_new_tokens=12)
-    batched = real_backend.generate(prompts, params)
-    alone = [real_backend.generate([p], params)[0] for p in prompts]
+    reqs = [Request(f"r{i}", p, SamplingParams(max_new_tokens=12, logprobs=True)) for i, p in enumerate(prompts)]
+    with anyio.fail_after(120):
+        batched = await _generate_all(real_backend, reqs)
+        alone = await _generate_all(real_backend, reqs, together=False)
     assert [o.text for o in batched] == [o.text for o in alone]
-    assert all(0 < o.new_tokens <= 12 for o in batched)
+    assert all(0 < o.new_tokens <= 12 and o.finish_reason in ("eos", "length") for o in batched)
+    assert all(o.logprobs is not None and len(o.logprobs) == o.new_tokens for o in batched)
+    assert all(lp <= 0 for o in batched for lp in o.logprobs or ())
+
+
+async def test_stop_strings_seeds_and_length_with_the_real_model(real_backend: Backend):
+    p = _prompts(real_backend)[0]
+    with anyio.fail_after(120):
+        (free,) = await _generate_all(real_backend, [Request("f", p, SamplingParams(max_new_tokens=30))])
+        words = free.text.split()
+        assert len(words) >= 4, free.text
+        stop = words[3]
+        sampled = SamplingParams(max_new_tokens=16, greedy=False, temperature=1.0, seed=11)
+        reqs = [
+            Request("s", p, SamplingParams(max_new_tokens=30, stop=(stop,))),
+            Request("n", p, SamplingParams(max_new_tokens=3)),
+            Request("x", p, sampled),
+            Request("y", p, SamplingParams(max_new_tokens=16, greedy=False, temperature=1.0, seed=12)),
+        ]
+        stopped, short, seeded, other = await _generate_all(real_backend, reqs)
+        (again,) = await _generate_all(real_backend, [Request("x2", p, sampled)])
+    assert stopped.finish_reason == "stop" and stopped.stop_string == stop
+    assert stopped.text == free.text[: free.text.find(stop)]
+    assert short.finish_reason == "length" and short.new_tokens == 3
+    # the same seed alone and inside a batch draws the same sample; another seed draws another
+    assert seeded.text == again.text and seeded.text != other.text
+
+
+async def test_cancelling_a_request_drops_it_from_the_batch_within_a_step(real_backend: Backend):
+    p = tuple(real_backend.encode([{"role": "user", "content": "Write a very long story about a dragon."}]))
+    sched = real_backend.scheduler  # type: ignore[attr-defined]
+    before = len(sched.stats.abort_latency_s)
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            await tg.start(real_backend.serve)
+            with anyio.move_on_after(1.0):
+                await real_backend.generate(Request("long", p, SamplingParams(max_new_tokens=2000)))
+            while sched.running:  # 2,000 tokens would take far longer than the fail_after above
+                await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+    assert len(sched.stats.abort_latency_s) == before + 1
+    assert sched.stats.abort_latency_s[-1] < 5.0
 
 
 async def test_pipeline_end_to_end_with_the_real_model(real_backend: Backend):

@@ -44,20 +44,40 @@ def encoded(i: int, text: str | None = None) -> Encoded:
     return e
 
 
+async def run_inference(stage, backend, items):
+    async with anyio.create_task_group() as tg:
+        await tg.start(backend.serve)
+        out = await run_stage(stage.run, items)
+        tg.cancel_scope.cancel()
+    return out
+
+
 async def test_inference_batches_every_sample_and_passes_results_through():
-    backend = FakeBackend(delay_s=0.01)
-    cfg = small_config(generation={"samples": 3}, batch={"max_batch_size": 4, "max_wait_ms": 5})
-    stage = Inference(backend, cfg, max_batch_tokens=None)
+    backend = FakeBackend(delay_s=0.01, max_batch_size=4, max_wait_s=0.005)
+    cfg = small_config(generation={"samples": 3})
+    stage = Inference(backend, cfg)
     passthrough = Result(id="bad", answer=None, status="error", error="x")
-    out = await run_stage(stage.run, [encoded(i) for i in range(5)] + [passthrough])
+    out = await run_inference(stage, backend, [encoded(i) for i in range(5)] + [passthrough])
     gens = [g for g in out if isinstance(g, Generation)]
     assert passthrough in out
     assert sorted((g.encoded.job.serial, g.index) for g in gens) == [
         (i, s) for i in range(5) for s in range(3)
     ]
     assert all(len(batch) <= 4 for batch in backend.calls)
-    assert stage.stats.rows == 15
+    assert backend.scheduler.stats.rows == 15 and stage.stats.completed == 15
     assert all(g.text == f"Adding the numbers gives \\boxed{{{g.encoded.job.serial + 1}}}." for g in gens)
+    assert all(g.finish_reason == "eos" for g in gens)
+
+
+async def test_inference_seeds_depend_on_the_problem_and_sample_only():
+    cfg = small_config(generation={"samples": 3})
+    a, b = Inference(FakeBackend(), cfg), Inference(FakeBackend(), cfg)
+    e1, e2 = encoded(1), encoded(2)
+    seeds = [a.params(e1, i).seed for i in range(3)]
+    assert len(set(seeds)) == 3
+    assert [b.params(e1, i).seed for i in range(3)] == seeds  # not arrival order or another stage
+    assert a.params(e2, 0).seed != seeds[0]
+    assert not a.params(e1, 0).greedy
 
 
 async def test_inference_splits_a_batch_on_out_of_memory():
@@ -65,13 +85,29 @@ async def test_inference_splits_a_batch_on_out_of_memory():
         if len(texts) > 2:
             raise MemoryError("simulated accelerator OOM")
 
-    backend = FakeBackend(fail=fail)
-    cfg = small_config(batch={"max_batch_size": 8, "max_wait_ms": 5})
-    stage = Inference(backend, cfg, max_batch_tokens=None)
-    out = await run_stage(stage.run, [encoded(i) for i in range(8)])
+    backend = FakeBackend(fail=fail, max_batch_size=8, max_wait_s=0.005)
+    backend.scheduler.configure(max_size=8, max_wait_s=0.005, max_tokens=100_000)
+    stage = Inference(backend, small_config())
+    out = await run_inference(stage, backend, [encoded(i) for i in range(8)])
     assert len(out) == 8 and all(g.error is None for g in out)
-    assert stage.stats.oom_splits >= 1
-    assert stage.max_batch_tokens is not None  # the cap was lowered
+    assert backend.scheduler.stats.oom_splits >= 1
+    assert (backend.scheduler.token_cap or 0) < 100_000  # the cap was lowered
+
+
+async def test_the_token_cap_recovers_after_a_while_without_errors():
+    def fail(texts):
+        if len(texts) > 2:
+            raise MemoryError("simulated accelerator OOM")
+
+    backend = FakeBackend(fail=fail)
+    backend.scheduler.configure(max_size=8, max_wait_s=0.005, max_tokens=100_000)
+    backend.scheduler.recover_s = 0.0
+    stage = Inference(backend, small_config())
+    await run_inference(stage, backend, [encoded(i) for i in range(8)])
+    lowered = backend.scheduler.token_cap or 0
+    backend.fail = None
+    await run_inference(stage, backend, [encoded(i) for i in range(3)])
+    assert lowered < (backend.scheduler.token_cap or 0) <= 100_000
 
 
 async def test_inference_retries_rows_alone_then_errors_the_bad_one():
@@ -80,11 +116,72 @@ async def test_inference_retries_rows_alone_then_errors_the_bad_one():
             raise RuntimeError("backend exploded")
 
     backend = FakeBackend(fail=fail)
-    stage = Inference(backend, small_config(), max_batch_tokens=None)
-    out = await run_stage(stage.run, [encoded(1), encoded(2, "poison 3"), encoded(3)])
+    stage = Inference(backend, small_config())
+    out = await run_inference(stage, backend, [encoded(1), encoded(2, "poison 3"), encoded(3)])
     errors = {g.encoded.job.serial: g.error for g in out}
     assert errors[1] is None and errors[3] is None
     assert errors[2] == "RuntimeError: backend exploded"
+
+
+async def test_inference_sends_completions_in_completion_order_not_batch_order():
+    # one batch: p1's answer is long, p2's short; p2 must come out first although p1 was first in
+    def responder(text, nth):
+        return "word " * 40 + "\\boxed{1}" if "long" in text else "\\boxed{2}"
+
+    backend = FakeBackend(responder, step_s=0.01, max_wait_s=0.05)
+    stage = Inference(backend, small_config())
+    out = await run_inference(stage, backend, [encoded(1, "long one"), encoded(2, "short")])
+    assert [g.encoded.job.serial for g in out] == [2, 1]
+    assert len(backend.calls) == 1 and len(backend.calls[0]) == 2  # they did share a batch
+
+
+async def test_cancelling_a_problem_aborts_its_requests_within_a_step():
+    backend = FakeBackend(lambda t, n: "word " * 10_000, step_s=0.01)
+    cfg = small_config(generation={"samples": 2})
+    stage = Inference(backend, cfg)
+    in_send, in_receive = anyio.create_memory_object_stream(10)
+    out_send, out_receive = anyio.create_memory_object_stream(10)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            await tg.start(backend.serve)
+            tg.start_soon(stage.run, in_receive, out_send)
+            await in_send.send(encoded(1))
+            while len(backend.scheduler.running) < 2:
+                await anyio.sleep(0.005)
+            await anyio.sleep(0.05)
+            steps_at_cancel = backend.steps
+            stage.cancel(1)
+            gens = [await out_receive.receive(), await out_receive.receive()]
+            while backend.scheduler.running:
+                await anyio.sleep(0.001)
+            steps_after = backend.steps - steps_at_cancel
+            in_send.close()
+            tg.cancel_scope.cancel()
+    out_receive.close()
+    assert [g.finish_reason for g in gens] == ["aborted", "aborted"]
+    assert all(g.error == "cancelled" for g in gens)
+    assert steps_after <= 2  # the rows left the batch at the next decode step, not after 10,000
+    assert backend.scheduler.stats.aborted == 2
+    assert stage.stats.aborted == 2 and stage.stats.in_flight == 0
+
+
+async def test_requests_in_flight_are_bounded():
+    backend = FakeBackend(step_s=0.001)
+    cfg = small_config(generation={"samples": 3}, run={"max_in_flight": 2})
+    stage = Inference(backend, cfg)
+    out = await run_inference(stage, backend, [encoded(i) for i in range(6)])
+    assert len(out) == 18
+    assert stage.stats.peak_in_flight <= 6 == stage.max_requests
+
+
+async def test_token_gate_bounds_tokens_in_flight():
+    backend = FakeBackend(step_s=0.001)
+    prompt = encoded(1).prompt_tokens
+    cfg = small_config(generation={"samples": 4, "max_new_tokens": 50}, run={"max_tokens_in_flight": 2 * (prompt + 50)})
+    stage = Inference(backend, cfg)
+    out = await run_inference(stage, backend, [encoded(1)])
+    assert len(out) == 4
+    assert stage.stats.peak_in_flight == 2
 
 
 async def test_verification_checks_answers_in_worker_processes():
@@ -123,6 +220,7 @@ async def test_extraction_votes_once_all_samples_are_in():
 @pytest.mark.parametrize("samples", [1, 4])
 async def test_stage_output_count_matches_input(samples):
     cfg = small_config(generation={"samples": samples})
-    stage = Inference(FakeBackend(), cfg, None)
-    out = await run_stage(stage.run, [encoded(i) for i in range(7)])
+    backend = FakeBackend()
+    stage = Inference(backend, cfg)
+    out = await run_inference(stage, backend, [encoded(i) for i in range(7)])
     assert len(out) == 7 * samples

@@ -1,5 +1,23 @@
-"""Model backends behind one small protocol (``Backend``)."""
+"""Model backends: one protocol (``base.Backend``), transformers (default), vllm (extra), fake (tests)."""
 
-from stages.backends.base import Backend, BackendError, MemoryProfile, Output, SamplingParams
+from stages.backends.base import (
+    Backend,
+    BackendError,
+    Completion,
+    FinishReason,
+    MemoryProfile,
+    Request,
+    SamplingParams,
+    sample_seed,
+)
 
-__all__ = ["Backend", "BackendError", "MemoryProfile", "Output", "SamplingParams"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "Completion",
+    "FinishReason",
+    "MemoryProfile",
+    "Request",
+    "SamplingParams",
+    "sample_seed",
+]

@@ -1,29 +1,84 @@
-"""The model backend protocol: the one question a stage asks of a model."""
+"""The model backend protocol: the one question a stage asks of a model.
+
+A backend answers one request at a time, asynchronously: ``await backend.generate(request)`` returns
+that request's ``Completion``. A request is one sample's next round: the prompt's token ids and its own
+sampling settings. Cancelling the task that awaits ``generate`` aborts the request inside the engine
+(within one decode step): nothing keeps computing for a caller that has gone. How requests are batched
+is the backend's business: the transformers adapter micro-batches, vLLM batches continuously.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
+
+from anyio.abc import TaskStatus
+
+FinishReason = Literal["eos", "length", "stop", "aborted"]
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding settings for one ``generate`` call. ``greedy`` ignores temperature and top-p."""
+    """Decoding settings for one request.
+
+    ``greedy`` ignores temperature, top-p and min-p. ``seed`` makes a sampled request reproducible
+    whatever else is being generated at the same time (see ``sample_seed``). ``stop`` strings end the
+    completion; the text returned stops before the string. ``logprobs`` asks for the log-probability
+    of each generated token under the model.
+    """
 
     max_new_tokens: int
     greedy: bool = True
-    temperature: float = 0.7
-    top_p: float = 0.95
+    temperature: float = 1.0
+    top_p: float = 1.0
+    min_p: float = 0.0
     seed: int = 0
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError("temperature must be positive when sampling")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if not 0 <= self.min_p < 1:
+            raise ValueError("min_p must be in [0, 1)")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
 
 
 @dataclass(frozen=True)
-class Output:
-    """What the model wrote for one prompt: the decoded new text and how many tokens it took."""
+class Request:
+    """One generation request: ``id`` is unique among the requests in flight (for logs and aborts)."""
 
+    id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What the model wrote for one request.
+
+    ``finish_reason``: ``eos`` (the model ended), ``length`` (``max_new_tokens`` reached), ``stop`` (a
+    stop string, named in ``stop_string``; ``text`` ends before it), ``aborted`` (cancelled).
+    ``logprobs`` holds one log-probability per new token when the request asked for them.
+    """
+
+    token_ids: tuple[int, ...]
     text: str
-    new_tokens: int
+    finish_reason: FinishReason
+    stop_string: str | None = None
+    logprobs: tuple[float, ...] | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        """How many tokens were generated."""
+        return len(self.token_ids)
 
 
 @dataclass(frozen=True)
@@ -38,9 +93,23 @@ class BackendError(RuntimeError):
     """The model cannot be loaded or used; the message says what the user can do."""
 
 
+def sample_seed(base: int, key: str, index: int, round_: int = 0) -> int:
+    """The seed of one sample: a function of the run's seed, the problem, the sample and the round.
+
+    Not of arrival order or batch: a rerun with the same settings draws the same samples.
+    """
+    digest = hashlib.sha256(f"{base}\x00{key}\x00{index}\x00{round_}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """A loaded model. ``generate`` blocks; the inference stage calls it from one dedicated thread."""
+    """A loaded model.
+
+    ``serve`` runs whatever the backend needs in the background (the transformers adapter's batch
+    loop) for as long as the pipeline runs; it calls ``task_status.started()`` once requests can be
+    taken and is cancelled at shutdown. ``generate`` is called from many tasks at once.
+    """
 
     model_id: str
     max_context: int
@@ -49,16 +118,24 @@ class Backend(Protocol):
         """Render chat ``messages`` through the chat template and return the prompt's token ids."""
         ...
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Output]:
-        """Generate one continuation per prompt (same order). May raise; see ``is_out_of_memory``."""
+    async def serve(self, *, task_status: TaskStatus[None]) -> None:
+        """Run the backend's scheduler until cancelled.
+
+        Raises:
+            BackendError: the engine died; the run cannot go on.
+        """
         ...
 
-    def is_out_of_memory(self, exc: BaseException) -> bool:
-        """Whether ``exc`` raised by ``generate`` means the batch did not fit in memory."""
+    async def generate(self, request: Request) -> Completion:
+        """Generate for one request. Cancelling the caller aborts the request in the engine.
+
+        Raises:
+            Exception: the request failed (the model raised for it); other requests go on.
+        """
         ...
 
     def memory_profile(self) -> MemoryProfile | None:
-        """Weights and KV-cache sizes, or ``None`` when unknown."""
+        """Weights and KV-cache sizes, or ``None`` when the backend manages its own memory."""
         ...
 
     def close(self) -> None:

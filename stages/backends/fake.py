@@ -1,19 +1,30 @@
 """A scripted backend: no model, answers from a script. For tests and for measuring the pipeline itself.
 
-The prompt "tokens" are the code points of the user message, so a script can see the problem text.
+It follows the backend protocol exactly as the transformers adapter does: requests are micro-batched by
+the same ``BatchScheduler`` and a batch runs in one thread, one "decode step" per word of the scripted
+output (``step_s`` sleeps per step, so cancellation can be observed mid-generation), with stop strings,
+``max_new_tokens``, per-row abort and early delivery of finished rows. The prompt "tokens" are the code
+points of the user message, so a script can see the problem text.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from stages.backends.base import MemoryProfile, Output, SamplingParams
+import anyio
+from anyio.abc import TaskStatus
+
+from stages.backends.base import Completion, MemoryProfile, Request
+from stages.backends.scheduler import BatchScheduler, Row
 
 Responder = Callable[[str, int], str]
 """``(problem_text, nth_time_this_text_was_generated) -> model output text``."""
+
+_WORD = re.compile(r"\S+\s*|\s+")
 
 
 def boxed_sum_responder(text: str, nth: int) -> str:
@@ -32,10 +43,11 @@ def boxed_sum_responder(text: str, nth: int) -> str:
 class FakeBackend:
     """A ``Backend`` whose outputs come from ``responder``.
 
-    ``delay_s`` is slept per ``generate`` call (a model's cost, without using the CPU); ``fail`` may
-    raise for a batch of problem texts (fault injection). With ``record`` (the default), ``calls``
-    records each batch's problem texts and the responder is told how often it saw a text; benchmarks
-    turn it off so the fake's own bookkeeping does not grow.
+    ``delay_s`` is slept once per batch, ``step_s`` once per decode step (a word of output); ``fail``
+    may raise for a batch of problem texts (fault injection; a ``MemoryError`` stands for an
+    out-of-memory error). With ``record`` (the default), ``calls`` records each batch's problem texts
+    and the responder is told how often it saw a text; benchmarks turn it off so the fake's own
+    bookkeeping does not grow. ``requests`` records every request submitted (with ``record``).
     """
 
     def __init__(
@@ -43,30 +55,59 @@ class FakeBackend:
         responder: Responder = boxed_sum_responder,
         *,
         delay_s: float = 0.0,
+        step_s: float = 0.0,
         max_context: int = 1_000_000,
         fail: Callable[[list[str]], None] | None = None,
         model_id: str = "fake",
         record: bool = True,
+        max_batch_size: int = 16,
+        max_wait_s: float = 0.002,
     ) -> None:
         self.responder = responder
         self.delay_s = delay_s
+        self.step_s = step_s
         self.max_context = max_context
         self.fail = fail
         self.model_id = model_id
         self.record = record
         self.calls: list[list[str]] = []
+        self.requests: list[Request] = []
+        self.steps = 0
         self._seen: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.closed = False
+        self.scheduler = BatchScheduler(
+            self._run_batch,
+            is_out_of_memory=lambda e: isinstance(e, MemoryError),
+            max_size=max_batch_size,
+            max_wait_s=max_wait_s,
+        )
 
     def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The user message's code points."""
         user = [m["content"] for m in messages if m["role"] == "user"]
         return [ord(c) for c in user[-1]]
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Output]:
-        """Calls the responder once per prompt."""
-        texts = ["".join(map(chr, p)) for p in prompts]
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the batch loop until cancelled."""
+        await self.scheduler.serve(task_status=task_status)
+
+    async def generate(self, request: Request) -> Completion:
+        """Queue the request for the next batch and wait for its completion."""
+        if self.record:
+            self.requests.append(request)
+        return await self.scheduler.generate(request)
+
+    def _script(self, text: str) -> str:
+        nth = 0
+        if self.record:
+            with self._lock:
+                nth = self._seen[text]
+                self._seen[text] += 1
+        return self.responder(text, nth)
+
+    def _run_batch(self, rows: list[Row]) -> None:
+        texts = ["".join(map(chr, r.request.prompt_ids)) for r in rows]
         if self.record:
             with self._lock:
                 self.calls.append(texts)
@@ -74,20 +115,43 @@ class FakeBackend:
             self.fail(texts)
         if self.delay_s:
             time.sleep(self.delay_s)
-        outputs = []
-        for t in texts:
-            nth = 0
-            if self.record:
-                with self._lock:
-                    nth = self._seen[t]
-                    self._seen[t] += 1
-            out = self.responder(t, nth)
-            outputs.append(Output(text=out, new_tokens=max(1, len(out.split()))))
-        return outputs
+        words = [_WORD.findall(self._script(t)) for t in texts]
+        live = list(range(len(rows)))
+        step = 0
+        while live:
+            if self.step_s:
+                time.sleep(self.step_s)
+            step += 1
+            self.steps += 1
+            still = []
+            for i in live:
+                row = rows[i]
+                if row.aborted:
+                    row.drop()
+                    continue
+                done = self._step(row, words[i], step)
+                if done is None:
+                    still.append(i)
+                else:
+                    row.finish(done)
+            live = still
 
-    def is_out_of_memory(self, exc: BaseException) -> bool:
-        """A ``MemoryError`` stands for an accelerator out-of-memory error."""
-        return isinstance(exc, MemoryError)
+    @staticmethod
+    def _step(row: Row, words: list[str], step: int) -> Completion | None:
+        """The row's completion if it ends at this step, else ``None``."""
+        p = row.request.params
+        text = "".join(words[:step])
+        ids = tuple(range(1, min(step, len(words)) + 1))
+        lp = tuple(-0.5 for _ in ids) if p.logprobs else None
+        hits = [(text.find(s), s) for s in p.stop if s in text]
+        if hits:
+            at, s = min(hits)
+            return Completion(ids, text[:at], "stop", stop_string=s, logprobs=lp)
+        if step >= len(words):
+            return Completion(ids, text, "eos", logprobs=lp)
+        if step >= p.max_new_tokens:
+            return Completion(ids, text, "length", logprobs=lp)
+        return None
 
     def memory_profile(self) -> MemoryProfile | None:
         """Unknown: the fake uses no memory worth budgeting."""

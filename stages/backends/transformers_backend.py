@@ -1,4 +1,17 @@
-"""The default backend: a Hugging Face transformers causal LM, batched ``generate`` with left padding."""
+"""The default backend: a Hugging Face transformers causal LM behind a micro-batching scheduler.
+
+Requests are micro-batched (``stages.backends.scheduler``: size, token cap, wait, length grouping) and
+a batch runs as one left-padded ``model.generate`` in one thread. Each request keeps its own settings
+inside the shared batch: a logits processor picks every row's token itself (greedy, or sampled with
+the row's temperature, top-p, min-p and its own seeded generator, so a sample does not depend on what
+it was batched with) and records log-probabilities; a stopping criterion ends each row at its EOS, stop
+string or ``max_new_tokens``, delivers its completion at once, and drops rows whose caller has gone,
+which ends the batch when all its rows are gone.
+
+Reproducibility: a seeded sample draws the same random numbers whatever its batch, but the logits
+themselves can differ in the last bits with the batch's padding and shape (most visibly in bf16), so a
+rerun is identical only with the same batching; float32 on CPU was identical in our tests.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from stages.backends.base import BackendError, MemoryProfile, Output, SamplingParams
+import anyio
+from anyio.abc import TaskStatus
+
+from stages.backends.base import BackendError, Completion, MemoryProfile, Request
 from stages.backends.models import resolve_model
+from stages.backends.scheduler import BatchScheduler, Row
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -51,6 +68,106 @@ def choose_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
+class _RowState:
+    """What the model thread keeps per row of a running batch."""
+
+    __slots__ = ("finished", "generator", "logprobs", "stop_tail")
+
+    def __init__(self, row: Row, device: str) -> None:
+        import torch
+
+        p = row.request.params
+        self.finished = False
+        self.generator: Any = None
+        if not p.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(p.seed)
+        self.logprobs: list[float] | None = [] if p.logprobs else None
+        # tokens to decode when looking for a stop string: enough to hold the longest one
+        self.stop_tail = max((len(s) for s in p.stop), default=0) + 4
+
+
+class _PickTokens:
+    """Logits processor: chooses each row's next token with that row's own settings.
+
+    The returned scores are ``-inf`` except at the chosen token, so ``generate``'s greedy step takes
+    exactly that token. Greedy rows take the arg-max; sampled rows draw from their own generator.
+    """
+
+    def __init__(self, rows: list[Row], states: list[_RowState]) -> None:
+        self.rows = rows
+        self.states = states
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        chosen = torch.empty(len(self.rows), dtype=torch.long, device=scores.device)
+        for i, (row, state) in enumerate(zip(self.rows, self.states, strict=True)):
+            p = row.request.params
+            if state.finished or p.greedy:
+                chosen[i] = torch.argmax(logp[i])
+            else:
+                probs = torch.softmax(scores[i].float() / p.temperature, dim=-1)
+                if p.min_p > 0:
+                    probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs)
+                if p.top_p < 1:
+                    sorted_p, order = torch.sort(probs, descending=True)
+                    beyond = torch.cumsum(sorted_p, dim=-1) - sorted_p > p.top_p
+                    probs = probs.scatter(0, order, torch.where(beyond, 0.0, sorted_p))
+                chosen[i] = torch.multinomial(probs, 1, generator=state.generator)[0]
+            if state.logprobs is not None and not state.finished:
+                state.logprobs.append(float(logp[i, chosen[i]]))
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen.unsqueeze(1), 0.0)
+        return out
+
+
+class _EndRows:
+    """Stopping criterion: ends each row at EOS, a stop string or its ``max_new_tokens``; delivers its
+    completion at once; drops rows whose caller has gone. The batch ends when every row has ended."""
+
+    def __init__(self, backend: TransformersBackend, rows: list[Row], states: list[_RowState], width: int):
+        self.backend = backend
+        self.rows = rows
+        self.states = states
+        self.width = width
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        done = torch.zeros(len(self.rows), dtype=torch.bool, device=input_ids.device)
+        steps = input_ids.shape[1] - self.width
+        last = input_ids[:, -1].tolist()
+        for i, (row, state) in enumerate(zip(self.rows, self.states, strict=True)):
+            if not state.finished:
+                if row.aborted:
+                    state.finished = True
+                    row.drop()
+                else:
+                    completion = self._check(row, state, input_ids[i, self.width :], last[i], steps)
+                    if completion is not None:
+                        state.finished = True
+                        row.finish(completion)
+            done[i] = state.finished
+        return done
+
+    def _check(self, row: Row, state: _RowState, new: Any, last: int, steps: int) -> Completion | None:
+        p = row.request.params
+        b = self.backend
+        if last in b.eos_ids:
+            return self.backend.completion(new.tolist(), "eos", state)
+        if p.stop:
+            tail = b.tokenizer.decode(new[-state.stop_tail :].tolist(), skip_special_tokens=True)
+            if any(s in tail for s in p.stop):
+                completion = self.backend.completion(new.tolist(), "stop", state, p.stop)
+                if completion.stop_string is not None:
+                    return completion
+        if steps >= p.max_new_tokens:
+            return self.backend.completion(new.tolist(), "length", state)
+        return None
+
+
 class TransformersBackend:
     """A causal LM from a local folder. Build it with ``TransformersBackend.load``."""
 
@@ -71,6 +188,7 @@ class TransformersBackend:
             self.eos_ids.update(gen_eos)
         pad = tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else min(self.eos_ids)
+        self.scheduler = BatchScheduler(self._run_batch, is_out_of_memory=self.is_out_of_memory)
 
     @classmethod
     def load(cls, path: str | None, *, device: str = "auto", dtype: str = "auto") -> TransformersBackend:
@@ -111,43 +229,78 @@ class TransformersBackend:
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Output]:
-        """Left-pad the prompts into one batch and run ``model.generate`` once."""
+    def configure(self, *, max_batch_size: int, max_wait_s: float, max_batch_tokens: int | None) -> None:
+        """Set the micro-batcher's limits (before ``serve``)."""
+        self.scheduler.configure(max_size=max_batch_size, max_wait_s=max_wait_s, max_tokens=max_batch_tokens)
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the micro-batching loop until cancelled."""
+        await self.scheduler.serve(task_status=task_status)
+
+    async def generate(self, request: Request) -> Completion:
+        """Generate for one request (batched with others); cancelling aborts it within a decode step.
+
+        Raises:
+            BackendError: the backend is not serving, or the request did not fit in memory alone.
+            Exception: the model raised for this request.
+        """
+        return await self.scheduler.generate(request)
+
+    def completion(
+        self, new: list[int], reason: str, state: _RowState, stop: tuple[str, ...] = ()
+    ) -> Completion:
+        """A row's completion from its new token ids (called from the model thread).
+
+        ``eos``: the ids end at the first EOS; ``stop``: the text ends before the first stop string
+        (``stop_string`` stays ``None`` when none of ``stop`` is in the text).
+        """
+        n = len(new)
+        if reason == "eos":
+            n = next((i + 1 for i, t in enumerate(new) if t in self.eos_ids), n)
+        ids = tuple(new[:n])
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        lp = tuple(state.logprobs[:n]) if state.logprobs is not None else None
+        if reason == "stop":
+            hits = [(text.find(s), s) for s in stop if s in text]
+            if not hits:
+                return Completion(ids, text, "length", logprobs=lp)
+            at, found = min(hits)
+            return Completion(ids, text[:at], "stop", stop_string=found, logprobs=lp)
+        return Completion(ids, text, "eos" if reason == "eos" else "length", logprobs=lp)
+
+    def _run_batch(self, rows: list[Row]) -> None:
+        """Left-pad the rows into one batch and run ``model.generate`` once (in the model thread)."""
         import torch
         from transformers import GenerationConfig
 
+        prompts = [r.request.prompt_ids for r in rows]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
+        for i, prompt in enumerate(prompts):
             if prompt:
-                ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-                mask[row, width - len(prompt) :] = 1
-        settings: dict[str, Any] = {
-            "max_new_tokens": params.max_new_tokens,
-            "do_sample": not params.greedy,
-            "pad_token_id": self.pad_id,
-            "eos_token_id": sorted(self.eos_ids),
-        }
-        if not params.greedy:
-            settings.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-            torch.manual_seed(params.seed)
+                ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+                mask[i, width - len(prompt) :] = 1
+        states = [_RowState(r, self.device) for r in rows]
+        settings = GenerationConfig(
+            max_new_tokens=max(r.request.params.max_new_tokens for r in rows),
+            do_sample=False,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids),
+        )
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
-                generation_config=GenerationConfig(**settings),
+                generation_config=settings,
+                logits_processor=[_PickTokens(rows, states)],
+                stopping_criteria=[_EndRows(self, rows, states, width)],
             )
-        outputs = []
-        for row in out[:, width:].tolist():
-            n = len(row)
-            for i, tok in enumerate(row):
-                if tok in self.eos_ids:
-                    n = i + 1
-                    break
-            text = self.tokenizer.decode(row[:n], skip_special_tokens=True)
-            outputs.append(Output(text=text, new_tokens=n))
-        return outputs
+        new = out[:, width:].tolist()
+        for i, (row, state) in enumerate(zip(rows, states, strict=True)):
+            if not state.finished and not row.aborted:
+                state.finished = True
+                row.finish(self.completion(new[i][: row.request.params.max_new_tokens], "length", state))
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """CUDA out-of-memory, or the CPU allocator failing."""

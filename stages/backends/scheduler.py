@@ -1,0 +1,263 @@
+"""Micro-batching for a blocking model: requests in, batches to one model thread, completions out.
+
+The transformers adapter and the scripted fake use this. ``BatchScheduler.generate(request)`` queues a
+``Row`` on a bounded stream and waits for it; ``serve`` forms batches with ``pipeline.batching``'s
+micro-batcher (size, token cap, wait, length grouping) and runs the backend's blocking ``run_batch``
+in one dedicated thread. ``run_batch`` delivers each row's completion as soon as that row ends, so a
+short answer does not wait for the longest row of its batch; it checks ``Row.aborted`` at every decode
+step and stops computing a row whose caller has gone, ending the batch once all its rows are gone.
+
+Faults: an out-of-memory error splits the batch in halves and lowers the token cap (which recovers,
+doubling, after ``recover_s`` without errors); any other error retries the rows one at a time; a row
+that still fails gets the exception.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.from_thread
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
+
+from pipeline.batching import MicroBatcher
+from stages.backends.base import BackendError, Completion, Request
+
+
+class Row:
+    """One request inside the scheduler. ``run_batch`` reads it from the model thread."""
+
+    __slots__ = ("_event", "aborted", "aborted_at", "dropped_at", "enqueued", "outcome", "request")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.enqueued = time.perf_counter()
+        self.aborted = False
+        self.aborted_at: float | None = None
+        self.dropped_at: float | None = None
+        self.outcome: Completion | BaseException | None = None
+        self._event = anyio.Event()
+
+    @property
+    def done(self) -> bool:
+        """Whether the row has its outcome (or was dropped after an abort)."""
+        return self.outcome is not None or self.dropped_at is not None
+
+    def _set(self, outcome: Completion | BaseException) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self._event.set()
+
+    def finish(self, outcome: Completion | BaseException) -> None:
+        """Deliver the row's outcome from the model thread (wakes the waiting task)."""
+        if self.outcome is None and self.dropped_at is None:
+            anyio.from_thread.run_sync(self._set, outcome)
+
+    def finish_here(self, outcome: Completion | BaseException) -> None:
+        """Deliver the row's outcome from the event-loop thread."""
+        self._set(outcome)
+
+    def drop(self) -> None:
+        """Stop working on an aborted row (any thread); records when, for the abort-latency figures."""
+        if self.dropped_at is None:
+            self.dropped_at = time.perf_counter()
+
+
+RunBatch = Callable[[list[Row]], None]
+"""Blocking: generate for every row, calling ``row.finish`` per row; drop rows whose ``aborted`` is set."""
+
+
+@dataclass
+class SchedulerStats:
+    """Counters the benchmarks and the summary read."""
+
+    batches: int = 0
+    rows: int = 0
+    padded_tokens: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    busy_s: float = 0.0
+    oom_splits: int = 0
+    aborted: int = 0
+    abort_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+
+
+class BatchScheduler:
+    """Micro-batches ``Request``s for a blocking ``run_batch`` run in one thread.
+
+    ``max_tokens`` caps ``rows x (widest prompt + largest max_new_tokens)`` per batch (``None``: no
+    cap); ``max_pending`` bounds the requests queued and not yet in a batch.
+    """
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        is_out_of_memory: Callable[[BaseException], bool],
+        max_size: int = 16,
+        max_wait_s: float = 0.02,
+        max_tokens: int | None = None,
+        max_pending: int = 4096,
+        recover_s: float = 30.0,
+    ) -> None:
+        self.run_batch = run_batch
+        self.is_out_of_memory = is_out_of_memory
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self.max_tokens = max_tokens
+        self.recover_s = recover_s
+        self.stats = SchedulerStats()
+        self._cap = max_tokens
+        self._last_oom = 0.0
+        self.max_pending = max_pending
+        self._send: MemoryObjectSendStream[Row] | None = None
+        self._thread = anyio.CapacityLimiter(1)
+        self._serving = False
+        self.running: set[Row] = set()
+
+    def configure(self, *, max_size: int, max_wait_s: float, max_tokens: int | None) -> None:
+        """Set the batch limits (before ``serve``)."""
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self.max_tokens = self._cap = max_tokens
+
+    @property
+    def token_cap(self) -> int | None:
+        """The batch token cap now (lower than ``max_tokens`` for a while after an out-of-memory error)."""
+        return self._cap
+
+    async def generate(self, request: Request) -> Completion:
+        """Queue ``request`` and wait for its completion; cancelling aborts it within one decode step.
+
+        Raises:
+            BackendError: the scheduler is not serving.
+            Exception: the model failed for this request.
+        """
+        send = self._send
+        if send is None:
+            raise BackendError("the backend is not serving: it was stopped or never started")
+        row = Row(request)
+        try:
+            await send.send(row)
+            await row._event.wait()
+        except BaseException:
+            if row.outcome is None:
+                row.aborted = True
+                row.aborted_at = time.perf_counter()
+            raise
+        outcome = row.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
+    def _recover_cap(self) -> None:
+        if self._cap is None or self.max_tokens is None or self._cap >= self.max_tokens:
+            return
+        if time.perf_counter() - self._last_oom >= self.recover_s:
+            self._cap = min(self.max_tokens, self._cap * 2)
+            self._last_oom = time.perf_counter()
+
+    def _note_dropped(self, row: Row) -> None:
+        row.drop()
+        self.stats.aborted += 1
+        if row.aborted_at is not None and row.dropped_at is not None:
+            self.stats.abort_latency_s.append(row.dropped_at - row.aborted_at)
+
+    def _drop_if_aborted(self, row: Row) -> bool:
+        if row.aborted:
+            self._note_dropped(row)
+            return True
+        return False
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Form batches and run them until cancelled; rows left waiting then get a ``BackendError``.
+
+        Raises:
+            BackendError: it is already serving.
+        """
+        if self._send is not None:
+            raise BackendError("the backend is already serving another pipeline")
+        self._send, receive = anyio.create_memory_object_stream[Row](self.max_pending)
+        batcher = MicroBatcher(
+            receive,
+            max_size=self.max_size,
+            max_wait_s=self.max_wait_s,
+            length=lambda r: len(r.request.prompt_ids),
+            reserve=lambda r: r.request.params.max_new_tokens,
+            max_tokens=self._cap,
+            drop=self._drop_if_aborted,
+        )
+        task_status.started()
+        try:
+            while (batch := await batcher.next_batch()) is not None:
+                await self._run(batch)
+                self._recover_cap()
+                batcher.max_tokens = self._cap if self._cap is not None else math.inf
+        finally:
+            self._send.close()
+            self._send = None
+            stopped = BackendError("the backend stopped before this request ran")
+            for row in batcher.pending:
+                row.finish_here(stopped)
+            with receive:
+                while True:
+                    try:
+                        receive.receive_nowait().finish_here(stopped)
+                    except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                        break
+
+    async def _run(self, rows: list[Row]) -> None:
+        rows = [r for r in rows if not r.done and not self._drop_if_aborted(r)]
+        if not rows:
+            return
+        started = time.perf_counter()
+        self.running.update(rows)
+        try:
+            await anyio.to_thread.run_sync(self.run_batch, rows, limiter=self._thread)
+        except Exception as e:  # the model's failure is these rows' failure; the run goes on
+            left = [r for r in rows if not r.done]
+            if not left:
+                return
+            if self.is_out_of_memory(e):
+                if len(left) == 1:
+                    left[0].finish_here(BackendError("out of memory even in a batch of one"))
+                    return
+                self.stats.oom_splits += 1
+                width = max(len(r.request.prompt_ids) for r in left)
+                reserve = max(r.request.params.max_new_tokens for r in left)
+                half = len(left) // 2
+                self._cap = max(1, half * (width + reserve))
+                self._last_oom = time.perf_counter()
+                await self._run(left[:half])
+                await self._run(left[half:])
+                return
+            if len(left) > 1:
+                for r in left:
+                    await self._run([r])
+                return
+            left[0].finish_here(e)
+            return
+        finally:
+            self.running.difference_update(rows)
+        s = self.stats
+        width = max(len(r.request.prompt_ids) for r in rows)
+        s.batches += 1
+        s.rows += len(rows)
+        s.prompt_tokens += sum(len(r.request.prompt_ids) for r in rows)
+        s.padded_tokens += sum(width - len(r.request.prompt_ids) for r in rows)
+        s.busy_s += time.perf_counter() - started
+        for r in rows:
+            if isinstance(r.outcome, Completion):
+                s.new_tokens += r.outcome.new_tokens
+            elif r.dropped_at is not None and r.outcome is None:
+                if r.aborted_at is not None:
+                    s.aborted += 1
+                    s.abort_latency_s.append(r.dropped_at - r.aborted_at)
+            elif r.outcome is None:
+                r.finish_here(RuntimeError("the backend returned no completion for this request"))

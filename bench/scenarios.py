@@ -18,7 +18,7 @@ import anyio
 from pipeline.api import Pipeline
 from pipeline.config import Config
 from pipeline.items import Encoded, Job, Problem
-from stages.backends.base import Backend, SamplingParams
+from stages.backends.base import Backend
 from stages.backends.fake import FakeBackend
 from stages.extraction import check_answer
 from stages.tokenization import encode
@@ -81,12 +81,11 @@ def _loop(name: str, problems: list[Problem], backend: Backend, settings: Settin
     cfg = settings.config()
     a = cfg.answer
     encoded = _encode_all(problems, backend, cfg)
-    params = SamplingParams(max_new_tokens=settings.max_new_tokens)
     new_tokens = correct = 0
     start = time.perf_counter()
     for i in range(0, len(encoded), batch):
         chunk = encoded[i : i + batch]
-        outputs = backend.generate([e.prompt_ids for e in chunk], params)
+        outputs = backend.generate_batch([e.prompt_ids for e in chunk], settings.max_new_tokens)  # type: ignore[attr-defined]
         for e, o in zip(chunk, outputs, strict=True):
             new_tokens += o.new_tokens
             answer = check_answer(o.text, modulus=a.modulus, lo=a.min, hi=a.max)[0]
@@ -114,7 +113,7 @@ async def pipeline(
         start = time.perf_counter()
         results = [r async for r in p.stream(fresh)]
         seconds = time.perf_counter() - start
-        stats = p.engine.inference.stats
+    stats = backend.scheduler.stats  # type: ignore[attr-defined]
     assert len(results) == len(problems)
     figures = _figures(
         name, problems, seconds, sum(r.new_tokens for r in results), sum(bool(r.correct) for r in results)

@@ -46,7 +46,11 @@ class MicroBatcher(Generic[T]):
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self.length = length
-        self.reserve: Callable[[T], int] = reserve if callable(reserve) else (lambda _, r=reserve: r)
+        if callable(reserve):
+            self.reserve = reserve
+        else:
+            fixed = reserve
+            self.reserve = lambda _: fixed
         self.max_tokens = max_tokens if max_tokens is not None else math.inf
         self.lookahead = max(lookahead or 4 * max_size, max_size)
         self.drop = drop

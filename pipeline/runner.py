@@ -8,9 +8,10 @@ feeder (one per stream() call)      engine (one per Pipeline, in its task group)
 ```
 
 Admission: a problem takes one of ``max_in_flight`` slots before anything is done for it and gives it
-back when the caller receives its result (or abandons it). Every stream between stages is sized to hold all admitted
-work, so a slow consumer fills its route, slots run out, and the feeder stops reading input: that is
-the backpressure, and host memory stays flat however long the input is.
+back when the caller receives its result (or abandons it). Every stream between stages is sized to
+hold all admitted work, so a slow consumer fills its route, slots run out, and the feeder stops reading
+input: that is the backpressure, and host memory stays flat however long the input is. Results are
+routed by job serial; a caller that abandons its stream cancels the problems only it waited for.
 """
 
 from __future__ import annotations

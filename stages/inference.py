@@ -171,6 +171,7 @@ class Inference:
             if live[0] == 0:
                 self._scopes.pop(encoded.job.serial, None)
         elapsed = time.perf_counter() - started
+        reason: str
         if completion is not None:
             s.completed += 1
             s.prompt_tokens += encoded.prompt_tokens

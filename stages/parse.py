@@ -2,7 +2,10 @@
 
 Input is JSONL (one object a line: ``id``/``ID`` and ``problem``/``question``/``text``, optional
 ``answer``), or CSV with a header (Kaggle's ``test.csv``: ``id,problem[,answer]``), or ``-`` for
-standard input. Files are read in chunks, so memory stays flat on any length. Blank lines are skipped;
+standard input. Files are read in chunks, so memory stays flat on any length. Standard input that is a
+pipe, FIFO, socket or terminal is read without a blocking thread (wait until readable, then read what is
+there), so cancelling the run (Ctrl-C) ends the read at once even when the producer keeps the pipe open
+and idle; redirected from a regular file it is read in a worker thread. Blank lines are skipped;
 a UTF-8 byte-order mark and CRLF line ends are accepted; every other bad line becomes an error result
 and the rest of the input goes on.
 
@@ -15,6 +18,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -107,9 +112,48 @@ def parse_json_line(raw: bytes, line: int) -> Problem | Result | None:
     return record_to_problem(record, line)
 
 
+def _waitable(fd: int) -> bool:
+    """Whether ``fd`` can be waited on for readability: a pipe, FIFO, socket or terminal."""
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)
+
+
+async def _fd_chunks(fd: int) -> AsyncIterator[bytes]:
+    """Read a pipe, socket or terminal as it becomes readable; cancellation ends the wait at once.
+
+    A pipe or socket is made non-blocking while it is read (a spurious wake-up then waits again instead
+    of blocking the event loop) and its flags are restored at the end. A terminal is left blocking: its
+    file description is usually shared with standard output, which must not turn non-blocking; once
+    readable it holds a whole line (or end of input), so the read returns at once.
+    """
+    nonblocking = not os.isatty(fd)
+    was_blocking = os.get_blocking(fd)
+    if nonblocking:
+        os.set_blocking(fd, False)
+    try:
+        while True:
+            await anyio.wait_readable(fd)
+            try:
+                chunk = os.read(fd, CHUNK)
+            except (BlockingIOError, InterruptedError):
+                continue
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        if nonblocking:
+            os.set_blocking(fd, was_blocking)
+
+
 async def _chunks(source: str | Path) -> AsyncIterator[bytes]:
     if str(source) == "-":
         stdin = sys.stdin.buffer
+        fd = stdin.fileno()
+        if _waitable(fd):
+            async for chunk in _fd_chunks(fd):
+                yield chunk
+            return
+        # a regular file (``< input.jsonl``) never blocks for long: a worker thread reads it
         read = getattr(stdin, "read1", stdin.read)
         while True:
             chunk = await anyio.to_thread.run_sync(read, CHUNK)

@@ -4,26 +4,48 @@ Workers are ``stages.workers.WorkerPool`` processes (a dead one is replaced); ea
 batch of outputs, so the cost of crossing a process boundary is paid once per batch. The worker
 function imports only the light ``stages.extraction`` (and ``math-verify`` when an answer is not a
 plain number), never torch.
+
+A failure while checking one sample is that sample's failure, never the run's: an exception the
+checker raises on one text becomes that sample's reason; a batch that fails as a whole (the worker
+died, timed out, or the call raised) is retried one sample at a time, and what still fails gets a
+reason of its own. The runner starts ``verify_workers`` copies of ``run`` on cloned streams; each copy
+takes only its fair share of what is queued, so work that arrives at once is spread over the copies.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
+import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.batching import MicroBatcher
 from pipeline.config import Config
 from pipeline.items import Candidate, Generation, Result
 from stages.extraction import check_answer
 from stages.workers import WorkerDied, WorkerPool
 
 Checked = tuple[int | None, str | None, str | None]
+MAX_REASON = 300
+
+
+def _failure(e: BaseException) -> str:
+    message = f"{type(e).__name__}: {e}"
+    if len(message) > MAX_REASON:
+        message = message[: MAX_REASON - 3] + "..."
+    return f"cannot check the answer: {message}"
 
 
 def check_batch(texts: list[str], modulus: int | None, lo: int, hi: int) -> list[Checked]:
-    """Runs in a worker process: ``check_answer`` on each text."""
-    return [check_answer(t, modulus=modulus, lo=lo, hi=hi) for t in texts]
+    """Runs in a worker process: ``check_answer`` on each text; an exception on one text becomes that
+    text's reason (``"cannot check the answer: ValueError: ..."``) and the others are still checked."""
+    out: list[Checked] = []
+    for text in texts:
+        try:
+            out.append(check_answer(text, modulus=modulus, lo=lo, hi=hi))
+        except Exception as e:
+            out.append((None, None, _failure(e)))
+    return out
 
 
 def warm_up() -> bool:
@@ -52,6 +74,8 @@ class Verification:
         await self.pool.aclose()
 
     async def _check(self, gens: list[Generation]) -> list[Candidate]:
+        """Check a batch in a worker. A batch that fails as a whole is retried one sample at a time, so
+        only the sample that causes the failure gets it as its reason."""
         a = self.cfg.answer
         texts = [g.text for g in gens]
         started = time.perf_counter()
@@ -65,11 +89,13 @@ class Verification:
             reason = f"verification took longer than {self.cfg.run.verify_timeout_s:g} s"
         except WorkerDied as e:
             reason = f"verification worker died: {e}"
+        except Exception as e:  # the call itself failed (it raised, or its reply was unreadable)
+            reason = _failure(e)
         self.batches += 1
         elapsed = time.perf_counter() - started
         if checked is None:
             self.worker_failures += 1
-            if len(gens) > 1:  # find the sample that kills the worker; the others still count
+            if len(gens) > 1:  # find the sample that causes the failure; the others still count
                 return [c for g in gens for c in await self._check([g])]
             return [
                 Candidate(generation=gens[0], answer=None, extracted=None, reason=reason, verify_s=elapsed)
@@ -79,15 +105,37 @@ class Verification:
             for g, (ans, ext, why) in zip(gens, checked, strict=True)
         ]
 
+    async def _next_batch(
+        self, receive: MemoryObjectReceiveStream[Generation | Result]
+    ) -> list[Generation | Result] | None:
+        """Wait for one item, then take this copy's fair share of what is already queued, without
+        waiting: at most ``min(verify_batch, ceil((1 + queued) / verify_workers))`` items in all.
+        ``None`` once the stream is closed and drained."""
+        try:
+            batch = [await receive.receive()]
+        except anyio.EndOfStream:
+            return None
+        queued = receive.statistics().current_buffer_used
+        share = min(self.cfg.run.verify_batch, math.ceil((1 + queued) / self.cfg.run.verify_workers))
+        while len(batch) < share:
+            try:
+                batch.append(receive.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+        return batch
+
     async def run(
         self,
         receive: MemoryObjectReceiveStream[Generation | Result],
         send: MemoryObjectSendStream[Candidate | Result],
     ) -> None:
-        """One copy of the stage; the runner starts ``verify_workers`` copies on cloned streams."""
-        batcher = MicroBatcher(receive, max_size=self.cfg.run.verify_batch, max_wait_s=0.0)
+        """One copy of the stage; the runner starts ``verify_workers`` copies on cloned streams.
+
+        ``Result``s pass straight through; a generation that carries an error becomes a failed
+        ``Candidate`` with that error as its reason, unchecked.
+        """
         async with receive, send:
-            while (batch := await batcher.next_batch()) is not None:
+            while (batch := await self._next_batch(receive)) is not None:
                 gens: list[Generation] = []
                 for item in batch:
                     if isinstance(item, Result):

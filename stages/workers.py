@@ -2,8 +2,10 @@
 
 Why not ``multiprocessing`` or ``anyio.to_process``: both re-import the parent's ``__main__`` in each
 worker, which breaks a user's script without a main guard; and a ``ProcessPoolExecutor`` is broken for
-good once one worker dies. Here a worker that dies, hangs past its timeout, or is cancelled mid-call is
-killed and replaced on the next call; the others carry on. ``aclose`` stops them all.
+good once one worker dies. Here a worker that dies, hangs past its timeout, breaks the pipe protocol
+(a reply that is not a length line and a pickle), or is cancelled mid-call is killed and replaced on
+the next call; the others carry on. No call waits on a worker past its limit: a live worker is killed,
+never waited for. ``aclose`` stops them all.
 """
 
 from __future__ import annotations
@@ -19,9 +21,16 @@ import anyio
 from anyio.abc import ByteSendStream, Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+EXIT_WAIT_S = 1.0  # how long a worker that closed its pipes gets to exit before it is killed
+
 
 class WorkerDied(RuntimeError):
-    """The worker process exited (crashed, was killed) during a call."""
+    """The worker process exited (crashed, was killed) during a call, or broke the protocol and was
+    killed."""
+
+
+class ProtocolError(Exception):
+    """A worker's reply was not a length line followed by a pickle."""
 
 
 class _Worker:
@@ -32,10 +41,27 @@ class _Worker:
         self.stdout = BufferedByteReceiveStream(process.stdout)
 
     async def call(self, request: bytes) -> tuple[str, Any]:
-        """Send one request; ``("ok", value)`` or ``("error", exception raised by the function)``."""
+        """Send one request; ``("ok", value)`` or ``("error", exception raised by the function)``.
+
+        A reply that arrives whole but cannot be unpickled here is an ``"error"``; the worker stays
+        in step.
+
+        Raises:
+            ProtocolError: the reply is not framed as the protocol says (the worker is out of step).
+            anyio.EndOfStream, anyio.BrokenResourceError, anyio.IncompleteRead: the pipes closed.
+        """
         await self.stdin.send(b"%d\n" % len(request) + request)
-        size = int(await self.stdout.receive_until(b"\n", 32))
-        status, value = pickle.loads(await self.stdout.receive_exactly(size))
+        try:
+            header = await self.stdout.receive_until(b"\n", 32)
+        except anyio.DelimiterNotFound as e:
+            raise ProtocolError("no length line in the reply") from e
+        if not header.isdigit():
+            raise ProtocolError(f"bad length line {header[:32]!r}")
+        data = await self.stdout.receive_exactly(int(header))
+        try:
+            status, value = pickle.loads(data)
+        except Exception as e:
+            return "error", RuntimeError(f"cannot read the worker's reply: {type(e).__name__}: {e}")
         return status, value
 
     async def kill(self) -> None:
@@ -78,8 +104,16 @@ class WorkerPool:
     async def _start_one(self, warm_up: Callable[[], Any] | None) -> None:
         worker = await self._spawn()
         if warm_up is not None:
-            status, value = await worker.call(pickle.dumps((warm_up, ()), protocol=pickle.HIGHEST_PROTOCOL))
+            try:
+                status, value = await worker.call(
+                    pickle.dumps((warm_up, ()), protocol=pickle.HIGHEST_PROTOCOL)
+                )
+            except BaseException:
+                self._all.discard(worker)
+                await worker.kill()
+                raise
             if status == "error":
+                self._all.discard(worker)
                 await worker.kill()
                 raise value
         self._idle.append(worker)
@@ -88,7 +122,8 @@ class WorkerPool:
         """Call ``func(*args)`` in a worker and return its result.
 
         Raises:
-            WorkerDied: the worker exited during the call (it is replaced on the next call).
+            WorkerDied: the worker exited during the call, or broke the protocol (it is killed, and
+                replaced on the next call).
             TimeoutError: the call took longer than ``limit_s`` seconds (the worker is killed).
             Exception: whatever ``func`` raised in the worker.
         """
@@ -100,11 +135,17 @@ class WorkerPool:
                 with anyio.fail_after(limit_s):
                     status, value = await worker.call(request)
                 healthy = True
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.IncompleteRead, ValueError) as e:
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.IncompleteRead) as e:
                 self.deaths += 1
-                with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(EXIT_WAIT_S, shield=True):  # it is exiting: get its code
                     await worker.process.wait()
-                raise WorkerDied(f"worker process exited with code {worker.process.returncode}") from e
+                code = worker.process.returncode
+                if code is None:
+                    raise WorkerDied("worker process closed its pipes; it was killed") from e
+                raise WorkerDied(f"worker process exited with code {code}") from e
+            except ProtocolError as e:  # still alive but out of step: never wait for it
+                self.deaths += 1
+                raise WorkerDied(f"worker process broke the call protocol ({e}); it was killed") from e
             finally:
                 if healthy:
                     self._idle.append(worker)

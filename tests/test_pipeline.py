@@ -185,3 +185,59 @@ async def test_async_iterables_of_plain_records_get_positions_and_the_duplicate_
         results = await collect(p, source())
     by_line = sorted((str(r.id), r.status, r.answer) for r in results)
     assert by_line == [("0", "ok", 2), ("2", "ok", 6), ("x", "error", None), ("x", "ok", 4)]
+
+
+async def test_concurrent_solves_of_one_text_with_a_persistent_cache(tmp_path):
+    # Before: both callers became leaders while the SQLite lookup awaited; one got the other's id and
+    # the other waited forever with a slot leaked.
+    cfg = small_config(cache={"size": 0, "dir": str(tmp_path / "cache")}, run={"max_in_flight": 4})
+    backend = FakeBackend(delay_s=0.02)
+    async with Pipeline(cfg, backend=backend) as p:
+        got: dict[str, Result] = {}
+
+        async def one(pid: str) -> None:
+            got[pid] = await p.solve({"id": pid, "problem": "What is 20 + 22?"})
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for pid in ("a", "b", "c"):
+                    tg.start_soon(one, pid)
+        assert {pid: r.id for pid, r in got.items()} == {"a": "a", "b": "b", "c": "c"}
+        assert all(r.answer == 42 for r in got.values())
+        assert sum(len(c) for c in backend.calls) == 1  # one computation, shared
+        assert p.engine.slots.value == 4  # every slot came back
+        again = await p.solve({"id": "d", "problem": "What is 20 + 22?"})
+        assert again.status == "cached" and again.id == "d"
+
+
+async def test_a_caller_that_gives_up_cancels_its_requests_in_the_engine():
+    backend = FakeBackend(lambda t, n: "word " * 10_000, step_s=0.01)
+    cfg = small_config(generation={"samples": 3}, run={"max_in_flight": 4})
+    async with Pipeline(cfg, backend=backend) as p:
+        with anyio.fail_after(20):
+            with anyio.move_on_after(0.3):
+                await p.solve("Write forever")
+            assert len(backend.requests) == 3
+            steps_at_cancel = backend.steps
+            while backend.scheduler.running:
+                await anyio.sleep(0.001)
+            assert backend.steps - steps_at_cancel <= 2  # left the batch within a decode step
+            assert backend.scheduler.stats.aborted == 3
+            while p.engine.inference.stats.in_flight:
+                await anyio.sleep(0.001)
+            # the slots came back and the pipeline still answers
+            backend.responder = lambda t, n: "\\boxed{7}"
+            r = await p.solve("What is 3 + 4?")
+        assert r.answer == 7
+        assert p.engine.slots.value == 4
+
+
+async def test_results_leave_in_completion_order():
+    def responder(text, nth):
+        return "word " * 60 + "\\boxed{1}" if "slow" in text else "\\boxed{2}"
+
+    backend = FakeBackend(responder, step_s=0.005, max_wait_s=0.05)
+    async with Pipeline(small_config(), backend=backend) as p:
+        items = [{"id": "slow", "problem": "slow one"}, {"id": "fast", "problem": "fast one"}]
+        out = await collect(p, items)
+    assert [r.id for r in out] == ["fast", "slow"]

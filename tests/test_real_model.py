@@ -64,7 +64,9 @@ def _prompts(backend):
 async def test_batched_generation_matches_one_at_a_time(real_backend: Backend):
     prompts = _prompts(real_backend)
     assert len(prompts[0]) != len(prompts[1])  # so left padding is exercised
-    reqs = [Request(f"r{i}", p, SamplingParams(max_new_tokens=12, logprobs=True)) for i, p in enumerate(prompts)]
+    reqs = [
+        Request(f"r{i}", p, SamplingParams(max_new_tokens=12, logprobs=True)) for i, p in enumerate(prompts)
+    ]
     with anyio.fail_after(120):
         batched = await _generate_all(real_backend, reqs)
         alone = await _generate_all(real_backend, reqs, together=False)

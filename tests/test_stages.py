@@ -177,7 +177,9 @@ async def test_requests_in_flight_are_bounded():
 async def test_token_gate_bounds_tokens_in_flight():
     backend = FakeBackend(step_s=0.001)
     prompt = encoded(1).prompt_tokens
-    cfg = small_config(generation={"samples": 4, "max_new_tokens": 50}, run={"max_tokens_in_flight": 2 * (prompt + 50)})
+    cfg = small_config(
+        generation={"samples": 4, "max_new_tokens": 50}, run={"max_tokens_in_flight": 2 * (prompt + 50)}
+    )
     stage = Inference(backend, cfg)
     out = await run_inference(stage, backend, [encoded(1)])
     assert len(out) == 4

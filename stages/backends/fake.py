@@ -153,6 +153,16 @@ class FakeBackend:
             return Completion(ids, text, "length", logprobs=lp)
         return None
 
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[Completion]:
+        """Blocking: the scripted outputs for ``prompts`` in one go (the benchmarks' plain loop)."""
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        out = []
+        for p in prompts:
+            words = _WORD.findall(self._script("".join(map(chr, p))))[:max_new_tokens]
+            out.append(Completion(tuple(range(len(words))), "".join(words), "eos"))
+        return out
+
     def memory_profile(self) -> MemoryProfile | None:
         """Unknown: the fake uses no memory worth budgeting."""
         return None

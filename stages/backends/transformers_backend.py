@@ -87,6 +87,13 @@ class _RowState:
         self.stop_tail = max((len(s) for s in p.stop), default=0) + 4
 
 
+class _NoLogprobs:
+    logprobs = None
+
+
+_NoState: Any = _NoLogprobs()
+
+
 class _PickTokens:
     """Logits processor: chooses each row's next token with that row's own settings.
 
@@ -301,6 +308,35 @@ class TransformersBackend:
             if not state.finished and not row.aborted:
                 state.finished = True
                 row.finish(self.completion(new[i][: row.request.params.max_new_tokens], "length", state))
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[Completion]:
+        """Blocking, greedy: one plain left-padded ``model.generate`` over ``prompts``, no scheduler.
+
+        The loop a user would write by hand; the benchmarks compare the pipeline against it.
+        """
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[i, width - len(prompt) :] = 1
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos_ids),
+            )
+        rows = out[:, width:].tolist()
+        done = [
+            self.completion(r, "eos" if any(t in self.eos_ids for t in r) else "length", _NoState)
+            for r in rows
+        ]
+        return done
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """CUDA out-of-memory, or the CPU allocator failing."""

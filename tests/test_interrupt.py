@@ -108,3 +108,37 @@ def test_a_failing_output_disk_exits_1_with_a_clear_message(tmp_path: Path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
     assert "error: writing results to /dev/full failed: No space left on device" in err
+
+
+def test_a_second_signal_stops_a_long_batch_at_once(tmp_path: Path):
+    # Before: generate held its thread for the whole static batch, and a second Ctrl-C had not stopped
+    # a batch of 16 x 1,024 tokens after 120 s. Now the rows are aborted at the next decode step.
+    inp, out, log = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "err.log"
+    inp.write_text(
+        "".join(
+            json.dumps({"id": f"s{i}", "problem": f"Write a very long story about dragon number {i}."}) + "\n"
+            for i in range(16)
+        )
+    )
+    cmd = [
+        sys.executable, "-m", "pipeline", "stream", str(inp), "--output", str(out),
+        "--max-new-tokens", "1024", "--batch-size", "16", "--dtype", "float32", "--no-progress",
+        "--grace-s", "60",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        deadline = time.monotonic() + 120
+        while "model loaded" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        time.sleep(3)  # the batch is generating
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        proc.wait(timeout=60)
+        took = time.monotonic() - stopped
+    assert proc.returncode == 130, log.read_text()
+    assert took < 30, f"took {took:.1f} s to stop"  # 16 x 1,024 tokens would take minutes here
+    assert "--resume" in log.read_text()

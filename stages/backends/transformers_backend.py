@@ -104,27 +104,35 @@ class _PickTokens:
     def __init__(self, rows: list[Row], states: list[_RowState]) -> None:
         self.rows = rows
         self.states = states
+        self.sampled = [i for i, r in enumerate(rows) if not r.request.params.greedy]
+        self.want_logprobs = any(s.logprobs is not None for s in states)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        logp = torch.log_softmax(scores.float(), dim=-1)
-        chosen = torch.empty(len(self.rows), dtype=torch.long, device=scores.device)
-        for i, (row, state) in enumerate(zip(self.rows, self.states, strict=True)):
-            p = row.request.params
-            if state.finished or p.greedy:
-                chosen[i] = torch.argmax(logp[i])
-            else:
-                probs = torch.softmax(scores[i].float() / p.temperature, dim=-1)
-                if p.min_p > 0:
-                    probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs)
-                if p.top_p < 1:
-                    sorted_p, order = torch.sort(probs, descending=True)
-                    beyond = torch.cumsum(sorted_p, dim=-1) - sorted_p > p.top_p
-                    probs = probs.scatter(0, order, torch.where(beyond, 0.0, sorted_p))
-                chosen[i] = torch.multinomial(probs, 1, generator=state.generator)[0]
-            if state.logprobs is not None and not state.finished:
-                state.logprobs.append(float(logp[i, chosen[i]]))
+        if not self.sampled and not self.want_logprobs:
+            return scores  # all greedy: generate's own arg-max picks the same tokens
+        chosen = torch.argmax(scores, dim=-1)
+        for i in self.sampled:
+            state = self.states[i]
+            if state.finished:
+                continue
+            p = self.rows[i].request.params
+            probs = torch.softmax(scores[i].float() / p.temperature, dim=-1)
+            if p.min_p > 0:
+                probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs)
+            if p.top_p < 1:
+                sorted_p, order = torch.sort(probs, descending=True)
+                beyond = torch.cumsum(sorted_p, dim=-1) - sorted_p > p.top_p
+                probs = probs.scatter(0, order, torch.where(beyond, 0.0, sorted_p))
+            chosen[i] = torch.multinomial(probs, 1, generator=state.generator)[0]
+        if self.want_logprobs:
+            picked = (
+                torch.log_softmax(scores.float(), dim=-1).gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+            )
+            for state, lp in zip(self.states, picked, strict=True):
+                if state.logprobs is not None and not state.finished:
+                    state.logprobs.append(lp)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen.unsqueeze(1), 0.0)
         return out
@@ -152,26 +160,29 @@ class _EndRows:
                     state.finished = True
                     row.drop()
                 else:
-                    completion = self._check(row, state, input_ids[i, self.width :], last[i], steps)
+                    completion = self._check(row, state, input_ids, i, last[i], steps)
                     if completion is not None:
                         state.finished = True
                         row.finish(completion)
             done[i] = state.finished
         return done
 
-    def _check(self, row: Row, state: _RowState, new: Any, last: int, steps: int) -> Completion | None:
+    def _check(
+        self, row: Row, state: _RowState, input_ids: Any, i: int, last: int, steps: int
+    ) -> Completion | None:
         p = row.request.params
         b = self.backend
         if last in b.eos_ids:
-            return self.backend.completion(new.tolist(), "eos", state)
+            return b.completion(input_ids[i, self.width :].tolist(), "eos", state)
         if p.stop:
-            tail = b.tokenizer.decode(new[-state.stop_tail :].tolist(), skip_special_tokens=True)
+            tail_ids = input_ids[i, max(self.width, input_ids.shape[1] - state.stop_tail) :].tolist()
+            tail = b.tokenizer.decode(tail_ids, skip_special_tokens=True)
             if any(s in tail for s in p.stop):
-                completion = self.backend.completion(new.tolist(), "stop", state, p.stop)
+                completion = b.completion(input_ids[i, self.width :].tolist(), "stop", state, p.stop)
                 if completion.stop_string is not None:
                     return completion
         if steps >= p.max_new_tokens:
-            return self.backend.completion(new.tolist(), "length", state)
+            return b.completion(input_ids[i, self.width :].tolist(), "length", state)
         return None
 
 

@@ -27,6 +27,7 @@ from pipeline.config import Config
 from pipeline.items import Problem, Result
 from pipeline.runner import Engine, Route, RunStats
 from stages.backends.base import Backend, BackendError
+from stages.verification import Verification
 
 
 class PipelineError(RuntimeError):
@@ -100,51 +101,71 @@ class Pipeline:
         return self._stats
 
     async def __aenter__(self) -> Pipeline:
-        """Load the model, plan memory, start the workers and the stages.
+        """Load the model and start the verification workers (at the same time), plan memory, start the
+        backend and the stages.
 
         Raises:
-            PipelineError: the model cannot be loaded, or does not fit the memory budget.
+            PipelineError: the model cannot be loaded, does not fit the memory budget, the cache cannot
+                open, or the workers cannot start.
         """
         cfg = self.config
-        if self._backend is None:
+        verification = Verification(cfg)
+        cache: ResultCache | None = None
+        errors: list[Exception] = []
+
+        async def load() -> None:
             try:
                 self._backend = await anyio.to_thread.run_sync(load_backend, cfg)
-            except BackendError as e:
-                raise PipelineError(str(e)) from e
-        backend = self._backend
-        max_tokens = cfg.batch.max_batch_tokens
-        if max_tokens is None:
+            except Exception as e:
+                errors.append(e)
+
+        async def workers() -> None:
             try:
-                device = getattr(backend, "device", "cpu")
-                self.memory_plan = plan_memory(backend.memory_profile(), cfg.model.memory_gb, device=device)
-            except ValueError as e:
-                raise PipelineError(str(e)) from e
-            if self.memory_plan is not None:
-                max_tokens = self.memory_plan.max_batch_tokens
-        configure = getattr(backend, "configure", None)
-        if configure is not None:  # a micro-batching backend (transformers, fake)
-            configure(
-                max_batch_size=cfg.batch.max_batch_size,
-                max_wait_s=cfg.batch.max_wait_ms / 1000.0,
-                max_batch_tokens=max_tokens,
-            )
+                await verification.start()
+            except Exception as e:
+                errors.append(PipelineError(f"cannot start the verification worker processes: {e}"))
+
         try:
-            cache = ResultCache(cfg.cache.size, cfg.cache.dir)
-        except Exception as e:
-            raise PipelineError(f"cannot open the result cache in {cfg.cache.dir}: {e}") from e
-        self._engine = Engine(cfg, backend, cache)
-        try:
-            await self._engine.verification.start()
-        except BaseException as e:
-            await self._engine.verification.aclose()
-            cache.close()
-            if self._own_backend:
-                backend.close()
+            # The workers start while the model loads: on a small machine that hides their start-up.
+            async with anyio.create_task_group() as tg:
+                if self._backend is None:
+                    tg.start_soon(load)
+                tg.start_soon(workers)
+            if errors:
+                e = errors[0]
+                raise (e if isinstance(e, PipelineError) else PipelineError(str(e))) from e
+            backend = self.backend
+            max_tokens = cfg.batch.max_batch_tokens
+            if max_tokens is None:
+                try:
+                    device = getattr(backend, "device", "cpu")
+                    profile = backend.memory_profile()
+                    self.memory_plan = plan_memory(profile, cfg.model.memory_gb, device=device)
+                except ValueError as e:
+                    raise PipelineError(str(e)) from e
+                if self.memory_plan is not None:
+                    max_tokens = self.memory_plan.max_batch_tokens
+            configure = getattr(backend, "configure", None)
+            if configure is not None:  # a micro-batching backend (transformers, fake)
+                configure(
+                    max_batch_size=cfg.batch.max_batch_size,
+                    max_wait_s=cfg.batch.max_wait_ms / 1000.0,
+                    max_batch_tokens=max_tokens,
+                )
+            try:
+                cache = ResultCache(cfg.cache.size, cfg.cache.dir)
+            except Exception as e:
+                raise PipelineError(f"cannot open the result cache in {cfg.cache.dir}: {e}") from e
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await verification.aclose()
+            if cache is not None:
+                cache.close()
+            if self._own_backend and self._backend is not None:
+                self._backend.close()
                 self._backend = None
-            self._engine = None
-            if isinstance(e, Exception):
-                raise PipelineError(f"cannot start the verification worker processes: {e}") from e
             raise
+        self._engine = Engine(cfg, backend, cache, verification)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         try:

@@ -108,13 +108,15 @@ class _Waiter:
 class Engine:
     """The long-lived stages of one ``Pipeline``: started once, fed by any number of streams."""
 
-    def __init__(self, cfg: Config, backend: Backend, cache: ResultCache) -> None:
+    def __init__(
+        self, cfg: Config, backend: Backend, cache: ResultCache, verification: Verification | None = None
+    ) -> None:
         self.cfg = cfg
         self.backend = backend
         self.cache = cache
         self.fingerprint = cfg.fingerprint(backend.model_id)
         self.inference = Inference(backend, cfg, wanted=lambda serial: serial in self._waiters)
-        self.verification = Verification(cfg)
+        self.verification = verification or Verification(cfg)
         self.slots = anyio.Semaphore(cfg.run.max_in_flight)
         self.stats = RunStats()
         self._serial = 0

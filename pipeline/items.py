@@ -109,6 +109,7 @@ class Result:
     prompt_tokens: int = 0
     new_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    finish: dict[str, int] = field(default_factory=dict)
     gold: int | None = None
     key: str | None = field(default=None, compare=False, repr=False)
     serial: int | None = field(default=None, compare=False, repr=False)
@@ -133,6 +134,7 @@ class Result:
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "timings_ms": {k: round(v * 1000.0, 3) for k, v in self.timings.items()},
+            "finish": self.finish,
         }
         if self.gold is not None:
             out["gold"] = self.gold

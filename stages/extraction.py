@@ -170,6 +170,7 @@ def build_result(candidates: list[Candidate], cfg: Config) -> Result:
         "prompt_tokens": encoded.prompt_tokens,
         "new_tokens": sum(c.generation.new_tokens for c in candidates),
         "timings": timings,
+        "finish": dict(Counter(c.generation.finish_reason for c in candidates)),
         "key": encoded.job.key,
         "serial": encoded.job.serial,
     }

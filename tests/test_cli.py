@@ -72,3 +72,27 @@ async def test_pipeline_reports_a_missing_vllm(monkeypatch):
     with pytest.raises(PipelineError, match="needs vLLM"):
         async with Pipeline(Config().replace(model={"backend": "vllm"})):
             pass
+
+
+def test_backend_and_engine_flags_reach_the_config():
+    args = build_parser().parse_args(
+        [
+            "stream", "x.jsonl", "--backend", "vllm", "--min-p", "0.02", "--max-num-seqs", "4",
+            "--no-prefix-caching", "--enforce-eager", "--gpu-memory-utilization", "0.5",
+            "--max-model-len", "2048", "--kv-cache-dtype", "fp8", "--quantization", "awq",
+            "--max-tokens-in-flight", "9000",
+        ]
+    )  # fmt: skip
+    cfg = config_from_args(args)
+    assert cfg.model.backend == "vllm" and cfg.generation.min_p == 0.02
+    v = cfg.vllm
+    assert (v.max_num_seqs, v.enable_prefix_caching, v.enforce_eager) == (4, False, True)
+    assert (v.gpu_memory_utilization, v.max_model_len, v.kv_cache_dtype, v.quantization) == (
+        0.5,
+        2048,
+        "fp8",
+        "awq",
+    )
+    assert cfg.run.max_tokens_in_flight == 9000
+    plain = config_from_args(build_parser().parse_args(["stream", "x.jsonl"]))
+    assert plain.vllm.enable_prefix_caching is True and plain.vllm.enforce_eager is None

@@ -241,3 +241,13 @@ async def test_results_leave_in_completion_order():
         items = [{"id": "slow", "problem": "slow one"}, {"id": "fast", "problem": "fast one"}]
         out = await collect(p, items)
     assert [r.id for r in out] == ["fast", "slow"]
+
+
+async def test_each_result_counts_how_its_samples_finished():
+    backend = FakeBackend(lambda t, n: "one two three four five \\boxed{5}" if "long" in t else "\\boxed{2}")
+    cfg = small_config(generation={"samples": 2, "max_new_tokens": 3})
+    async with Pipeline(cfg, backend=backend) as p:
+        items = [{"id": "l", "problem": "long"}, {"id": "s", "problem": "x"}]
+        out = {r.id: r for r in await collect(p, items)}
+    assert out["l"].finish == {"length": 2} and out["l"].to_json()["finish"] == {"length": 2}
+    assert out["s"].finish == {"eos": 2} and out["s"].answer == 2

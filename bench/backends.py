@@ -187,7 +187,7 @@ async def abort_latency(backend: Any, name: str, repeats: int = 5) -> Figures:
     for r in range(repeats):
         async with anyio.create_task_group() as tg:
             await tg.start(backend.serve)
-            others = anyio.CancelScope()
+            others = [anyio.CancelScope() for _ in range(3)]
 
             async def long(rid: str, scope: anyio.CancelScope) -> None:
                 with scope:
@@ -195,7 +195,7 @@ async def abort_latency(backend: Any, name: str, repeats: int = 5) -> Figures:
 
             async with anyio.create_task_group() as bg:
                 for i in range(3):
-                    bg.start_soon(long, f"bg{r}-{i}", others)
+                    bg.start_soon(long, f"bg{r}-{i}", others[i])
                 target = anyio.CancelScope()
                 bg.start_soon(long, f"target{r}", target)
                 await anyio.sleep(0.5)
@@ -212,7 +212,8 @@ async def abort_latency(backend: Any, name: str, repeats: int = 5) -> Figures:
                     while len(backend.scheduler.stats.abort_latency_s) == n:  # noqa: ASYNC110
                         await anyio.sleep(0.0005)
                     waits.append(backend.scheduler.stats.abort_latency_s[-1])
-                others.cancel()
+                for scope in others:
+                    scope.cancel()
             tg.cancel_scope.cancel()
     return {
         "scenario": f"abort {name}",

@@ -289,13 +289,16 @@ def main() -> None:
 
     cfg_v = _config(args, "vllm")
     vb: Any = load_backend(cfg_v)
-    try:
-        show(anyio.run(pipeline, problems[:2], vb, cfg_v, "warm-up"))
-        rows.pop()
-        show(anyio.run(pipeline, problems, vb, cfg_v, "pipeline vllm"))
+
+    async def vllm_phase() -> None:  # one event loop: the engine's output task belongs to it
+        await pipeline(problems[:2], vb, cfg_v, "warm-up")
+        show(await pipeline(problems, vb, cfg_v, "pipeline vllm"))
         for rate in [*args.rates, None]:
-            show(anyio.run(load, problems[: args.load_problems], vb, cfg_v, rate, "vllm"))
-        show(anyio.run(abort_latency, vb, "vllm"))
+            show(await load(problems[: args.load_problems], vb, cfg_v, rate, "vllm"))
+        show(await abort_latency(vb, "vllm"))
+
+    try:
+        anyio.run(vllm_phase)
     finally:
         vb.close()
     show(vllm_offline(problems, cfg_v, tb_with_folder(tb, vb)))

@@ -6,6 +6,7 @@ loop (the engine's output task belongs to the loop that first used it).
 
 import importlib.util
 import time
+from dataclasses import replace
 
 import anyio
 import pytest
@@ -13,7 +14,7 @@ import pytest_asyncio
 
 from pipeline import Pipeline
 from pipeline.config import Config
-from stages.backends.base import Request, SamplingParams
+from stages.backends.base import BackendError, Request, SamplingParams
 from tests.conftest import small_config
 
 pytestmark = [
@@ -114,3 +115,14 @@ async def test_the_pipeline_on_vllm_end_to_end_and_a_caller_that_gives_up(vllm_b
     for r in results:
         assert r.status in ("ok", "fallback") and r.samples == 2
         assert r.answer is not None and 0 < r.new_tokens <= 96
+
+
+async def test_another_event_loop_is_refused_with_a_clear_error(vllm_backend):
+    request = Request("this-loop", prompt(vllm_backend), SamplingParams(max_new_tokens=2))
+    assert (await vllm_backend.generate(request)).new_tokens == 2  # this loop is the engine's
+
+    async def use() -> None:
+        await vllm_backend.generate(replace(request, id="other-loop"))
+
+    with pytest.raises(BackendError, match="started on another event loop"):
+        await anyio.to_thread.run_sync(anyio.run, use)

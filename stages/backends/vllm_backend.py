@@ -113,6 +113,7 @@ class VllmBackend:
         self.settings: dict[str, Any] = {}
         self.running: set[str] = set()
         self._ids = itertools.count()
+        self._loop: object | None = None
 
     @classmethod
     def load(cls, cfg: Config) -> VllmBackend:
@@ -185,11 +186,26 @@ class VllmBackend:
         Raises:
             BackendError: the engine process died.
         """
+        self._check_loop()
         task_status.started()
         while True:
             await anyio.sleep(1.0)
             if self.engine.errored:
                 raise BackendError("the vLLM engine died; see its log above")
+
+    def _check_loop(self) -> None:
+        """The engine's output task lives on the first event loop that used it: refuse another loop
+        with a clear message instead of failing every request."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise BackendError(
+                "this vLLM backend was started on another event loop; use one event loop for its whole "
+                "life (or load a new backend)"
+            )
 
     def _sampling(self, request: Request) -> Any:
         from vllm import SamplingParams
@@ -216,6 +232,7 @@ class VllmBackend:
         """
         from vllm.inputs import TokensPrompt
 
+        self._check_loop()
         request_id = f"{request.id}#{next(self._ids)}"
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_ids))
         final = None

@@ -3,6 +3,10 @@
 Keys are the normalised problem text plus the configuration fingerprint (model, dtype, generation and
 answer settings), so a cached answer is only reused under the settings that produced it. Only answers
 (``ok`` and ``fallback``) are stored; errors are recomputed.
+
+The cache never ends a run: a disk store that cannot be opened, read or written (disk full, read-only
+folder, a corrupt file) is logged as a warning and the answers go on (from memory, or computed). Rows
+carry the schema version of the result format; a row of another version is a miss, not an error.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 from cachetools import LRUCache
 
 from pipeline.items import Problem, Result
 
 _SPACE = re.compile(r"\s+")
+SCHEMA_VERSION = 2
+"""Version of the stored result format; bump it when ``Result``'s fields change meaning."""
 
 
 def normalise_text(text: str) -> str:
@@ -34,18 +41,36 @@ def cache_key(text: str, fingerprint: str) -> str:
     return hashlib.sha256(f"{fingerprint}\x00{normalise_text(text)}".encode()).hexdigest()
 
 
+_STORED = (
+    "answer",
+    "status",
+    "error",
+    "votes",
+    "samples",
+    "prompt_tokens",
+    "new_tokens",
+    "timings",
+    "finish",
+)
+
+
 def _to_row(result: Result) -> str:
-    data = dataclasses.asdict(result)
-    for name in ("id", "line", "gold", "key", "error"):
-        data.pop(name, None)
+    data: dict[str, Any] = {name: getattr(result, name) for name in _STORED}
     data["votes"] = [[k, v] for k, v in result.votes.items()]
+    data["v"] = SCHEMA_VERSION
     return json.dumps(data)
 
 
-def _from_row(row: str) -> Result:
-    data: dict[str, Any] = json.loads(row)
-    data["votes"] = {int(k): int(v) for k, v in data["votes"]}
-    return Result(id=None, **data)
+def _from_row(row: str) -> Result | None:
+    """The stored result, or ``None`` for a row of another schema version (or one that cannot be read)."""
+    try:
+        data: dict[str, Any] = json.loads(row)
+        if not isinstance(data, dict) or data.pop("v", None) != SCHEMA_VERSION:
+            return None
+        data["votes"] = {int(k): int(v) for k, v in data["votes"]}
+        return Result(id=None, **{k: v for k, v in data.items() if k in _STORED})
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 class SQLiteStore:
@@ -74,12 +99,21 @@ class SQLiteStore:
         self._db.close()
 
 
+def _warn(what: str, e: BaseException) -> None:
+    structlog.get_logger("pipeline.cache").warning(what, error=f"{type(e).__name__}: {e}")
+
+
 class ResultCache:
-    """LRU in memory, SQLite on disk when ``directory`` is given."""
+    """LRU in memory, SQLite on disk when ``directory`` is given (and can be opened)."""
 
     def __init__(self, size: int, directory: str | None = None) -> None:
         self._lru: LRUCache[str, Result] | None = LRUCache(maxsize=size) if size > 0 else None
-        self._store = SQLiteStore(directory) if directory else None
+        self._store: SQLiteStore | None = None
+        if directory:
+            try:
+                self._store = SQLiteStore(directory)
+            except (OSError, sqlite3.Error) as e:
+                _warn(f"cannot open the result cache in {directory}; going on without it", e)
         # sqlite3 connections are not safe for concurrent use: one thread at a time.
         self._io = anyio.CapacityLimiter(1)
 
@@ -87,7 +121,11 @@ class ResultCache:
         """A cached result re-addressed to ``problem`` (status ``cached``), or ``None`` on a miss."""
         stored = self._lru.get(key) if self._lru is not None else None
         if stored is None and self._store is not None:
-            stored = await anyio.to_thread.run_sync(self._store.get, key, limiter=self._io)
+            try:
+                stored = await anyio.to_thread.run_sync(self._store.get, key, limiter=self._io)
+            except (OSError, sqlite3.Error) as e:
+                _warn("cannot read the result cache; computing instead", e)
+                stored = None
             if stored is not None and self._lru is not None:
                 self._lru[key] = stored
         if stored is None:
@@ -109,9 +147,15 @@ class ResultCache:
         if self._lru is not None:
             self._lru[key] = result
         if self._store is not None:
-            await anyio.to_thread.run_sync(self._store.put, key, result, limiter=self._io)
+            try:
+                await anyio.to_thread.run_sync(self._store.put, key, result, limiter=self._io)
+            except (OSError, sqlite3.Error) as e:
+                _warn("cannot write the result cache; the answer goes on", e)
 
     def close(self) -> None:
         """Close the disk store."""
         if self._store is not None:
-            self._store.close()
+            try:
+                self._store.close()
+            except sqlite3.Error as e:
+                _warn("cannot close the result cache", e)

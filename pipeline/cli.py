@@ -22,7 +22,8 @@ from pipeline.api import Pipeline, PipelineError
 from pipeline.config import Config, ConfigError
 from pipeline.items import Problem, Result
 from pipeline.sink import OutputError, ResultWriter, Written, check_writable, read_written
-from stages.parse import InputError, check_source, read_problems
+from stages.backends.base import Backend
+from stages.parse import InputError, check_source, dedupe, read_problems
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -176,9 +177,12 @@ def _count_lines(path: str) -> int | None:
 async def _skip_written(
     items: AsyncIterator[Problem | Result], done: Written
 ) -> AsyncIterator[Problem | Result]:
+    """Skip inputs that already have their result; a repeat of an id finished earlier is still a
+    duplicate (the duplicate-id policy sees the earlier run's first occurrences)."""
+    seen = dict(done.first_lines)
     async for item in items:
         if not done.has(item.id, item.line):
-            yield item
+            yield dedupe(item, seen)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -188,11 +192,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 async def _until_stopped(
-    items: AsyncIterator[Problem | Result], stop: anyio.Event
+    items: AsyncIterator[Problem | Result], stop: anyio.Event, read: list[int]
 ) -> AsyncIterator[Problem | Result]:
     async for item in items:
         if stop.is_set():
             return
+        read[0] += 1
         yield item
 
 
@@ -216,8 +221,9 @@ async def _watch_signals(
             )
 
 
-async def run_stream(args: argparse.Namespace, cfg: Config) -> int:
-    """The ``stream`` command (after its arguments were checked)."""
+async def run_stream(args: argparse.Namespace, cfg: Config, backend: Backend | None = None) -> int:
+    """The ``stream`` command (after its arguments were checked); ``backend`` replaces the configured
+    model (the tests drive the whole command with a scripted one)."""
     logger = structlog.get_logger("pipeline.cli")
     done = Written()
     if args.resume:
@@ -237,10 +243,11 @@ async def run_stream(args: argparse.Namespace, cfg: Config) -> int:
     if args.resume:
         items = _skip_written(items, done)
     stop = anyio.Event()
-    items = _until_stopped(items, stop)
+    read = [0]
+    items = _until_stopped(items, stop, read)
     writer = ResultWriter(args.output, args.submission, fallback=cfg.answer.fallback or 0)
     caught: list[str] = []
-    async with Pipeline(cfg) as pipeline:
+    async with Pipeline(cfg, backend=backend) as pipeline:
         if pipeline.memory_plan is not None:
             logger.info("memory plan", plan=pipeline.memory_plan.describe())
         logger.info("model loaded", model=pipeline.backend.model_id)
@@ -265,7 +272,8 @@ async def run_stream(args: argparse.Namespace, cfg: Config) -> int:
     if caught:
         where = f"--output {args.output}" if args.output else "an --output file"
         print(
-            f"interrupted by {caught[0]}: {writer.written} results written; unfinished problems were not. "
+            f"interrupted by {caught[0]}: {writer.written} results written of {read[0]} input lines read; "
+            "unfinished problems were not. "
             f"Run the same command with --resume and {where} to finish the rest.",
             file=sys.stderr,
         )

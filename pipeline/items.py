@@ -113,6 +113,7 @@ class Result:
     gold: int | None = None
     key: str | None = field(default=None, compare=False, repr=False)
     serial: int | None = field(default=None, compare=False, repr=False)
+    duplicate: bool = False
 
     @property
     def correct(self) -> bool | None:
@@ -139,6 +140,8 @@ class Result:
         if self.gold is not None:
             out["gold"] = self.gold
             out["correct"] = self.correct
+        if self.duplicate:
+            out["duplicate"] = True
         return out
 
 
@@ -150,6 +153,7 @@ def error_result(
     gold: int | None = None,
     key: str | None = None,
     serial: int | None = None,
+    duplicate: bool = False,
 ) -> Result:
     """A result for an item that could not be solved; ``reason`` is shown to the user."""
     return Result(
@@ -161,4 +165,5 @@ def error_result(
         gold=gold,
         key=key,
         serial=serial,
+        duplicate=duplicate,
     )

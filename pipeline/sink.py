@@ -1,6 +1,10 @@
 """The sink: results to ``results.jsonl`` (one line per input, appended and flushed as each arrives) and
 to Kaggle's ``submission.csv``; and ``--resume``'s reading of what an earlier run wrote.
 
+The submission follows from the results: one row per id (a repeated id's error line gets none), rows
+appended as results are written, and the whole file rebuilt from the results file when a run starts and
+when it ends (atomically), so a kill between the two writes cannot leave them disagreeing.
+
 Writes happen in a writer task that takes every result already waiting and writes them in one call, so
 a fast stream does not pay a thread hop per line, and a crash loses nothing that was handed over.
 """
@@ -30,18 +34,31 @@ class OutputError(OSError):
 
 @dataclass
 class Written:
-    """What an earlier run's output file already holds (for ``--resume``)."""
+    """What an earlier run's output file already holds (for ``--resume``).
 
-    ids: set[str] = field(default_factory=set)
+    ``lines``: every input line that has its result line. ``first_lines``: each id whose first
+    occurrence has its result (id to that line; a repeated id's duplicate line does not count), so
+    the resumed run can still mark later repeats as duplicates.
+    """
+
     lines: set[int] = field(default_factory=set)
+    first_lines: dict[str, int | None] = field(default_factory=dict)
     count: int = 0
     repaired: bool = False
 
+    @property
+    def ids(self) -> set[str]:
+        """Ids whose first occurrence is finished."""
+        return set(self.first_lines)
+
     def has(self, problem_id: str | None, line: int | None) -> bool:
-        """Whether an input (by id, or by line for inputs without one) already has its result."""
-        if problem_id is not None:
-            return problem_id in self.ids
-        return line is not None and line in self.lines
+        """Whether an input (by line, or by id where the line is unknown) already has its result."""
+        if line is not None and line in self.lines:
+            return True
+        if problem_id is not None and problem_id in self.first_lines:
+            first = self.first_lines[problem_id]
+            return first is None or line is None or first == line
+        return False
 
 
 def read_written(path: str | Path) -> Written:
@@ -72,11 +89,57 @@ def read_written(path: str | Path) -> Written:
         if not isinstance(obj, dict):
             continue
         done.count += 1
-        if obj.get("id") is not None:
-            done.ids.add(str(obj["id"]))
-        elif isinstance(obj.get("line"), int):
-            done.lines.add(obj["line"])
+        line = obj.get("line") if isinstance(obj.get("line"), int) else None
+        if line is not None:
+            done.lines.add(line)
+        if obj.get("id") is not None and obj.get("duplicate") is not True:
+            done.first_lines.setdefault(str(obj["id"]), line)
     return done
+
+
+def submission_rows(results: str | Path, fallback: int) -> dict[str, int]:
+    """One answer per id from a results file: the first answered line of each id (an error line only
+    when the id has no other), duplicates and id-less lines left out. Unreadable lines are skipped."""
+    rows: dict[str, int] = {}
+    errored: set[str] = set()
+    with open(results, "rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict) or obj.get("id") is None or obj.get("duplicate") is True:
+                continue
+            pid = str(obj["id"])
+            answer = obj.get("answer")
+            value = answer if isinstance(answer, int) and not isinstance(answer, bool) else fallback
+            is_error = obj.get("status") == "error"
+            if pid not in rows or (pid in errored and not is_error):
+                rows[pid] = value
+                if is_error:
+                    errored.add(pid)
+                else:
+                    errored.discard(pid)
+    return rows
+
+
+def rebuild_submission(results: str | Path, submission: str | Path, fallback: int) -> dict[str, int]:
+    """Write ``submission`` afresh from ``results`` (atomically: a temporary file, then a rename).
+
+    Returns the rows written (id to answer). Raises:
+        OSError: a file cannot be read or written.
+    """
+    rows = submission_rows(results, fallback) if Path(results).exists() else {}
+    target = Path(submission)
+    tmp = target.with_name(f".{target.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(("id", "answer"))
+        w.writerows(rows.items())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    return rows
 
 
 def check_writable(path: str | Path) -> None:
@@ -122,6 +185,7 @@ class ResultWriter:
         self.fallback = fallback
         self.stdout = stdout or sys.stdout
         self.written = 0
+        self._in_submission: set[str] = set()
 
     async def run(self, receive: MemoryObjectReceiveStream[Result]) -> None:
         """Write everything received until the stream closes.
@@ -135,9 +199,14 @@ class ResultWriter:
             if self.output is not None:
                 out = await aiofiles.open(self.output, "a", encoding="utf-8")
             if self.submission is not None:
-                new = await anyio.to_thread.run_sync(_empty_or_missing, self.submission)
+                if self.output is not None:  # the submission follows from the results file
+                    await self._rebuild()
+                else:
+                    new = await anyio.to_thread.run_sync(_empty_or_missing, self.submission)
+                    if not new:
+                        await anyio.to_thread.run_sync(self._read_submission_ids)
                 sub = await aiofiles.open(self.submission, "a", encoding="utf-8")
-                if new:
+                if self.output is None and new:
                     await sub.write("id,answer\n")
                     await sub.flush()
             async with receive:
@@ -157,6 +226,24 @@ class ResultWriter:
                 if f is not None:
                     with contextlib.suppress(OSError):  # the write error above is the one to report
                         await f.close()
+        if self.submission is not None and self.output is not None:
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._rebuild()
+            except OSError as e:
+                raise OutputError(
+                    f"writing the submission {self.submission} failed: {e.strerror or e}"
+                ) from e
+
+    async def _rebuild(self) -> None:
+        assert self.output is not None and self.submission is not None
+        rows = await anyio.to_thread.run_sync(rebuild_submission, self.output, self.submission, self.fallback)
+        self._in_submission = set(rows)
+
+    def _read_submission_ids(self) -> None:
+        assert self.submission is not None
+        with open(self.submission, encoding="utf-8", newline="") as f:
+            self._in_submission = {row[0] for row in list(csv.reader(f))[1:] if row}
 
     async def _write(self, batch: list[Result], out: Any, sub: Any) -> None:
         text = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in batch)
@@ -167,12 +254,16 @@ class ResultWriter:
             await anyio.to_thread.run_sync(self._to_stdout, text)
         if sub is not None:
             buf = io.StringIO()
-            csv.writer(buf, lineterminator="\n").writerows(
-                (r.id, submission_answer(r, self.fallback)) for r in batch if r.id is not None
-            )
-            rows = buf.getvalue()
-            if rows:
-                await sub.write(rows)
+            rows = []
+            for r in batch:
+                if r.id is None or r.duplicate or r.id in self._in_submission:
+                    continue  # one row per id; the solved line of a repeated id has it
+                self._in_submission.add(r.id)
+                rows.append((r.id, submission_answer(r, self.fallback)))
+            csv.writer(buf, lineterminator="\n").writerows(rows)
+            text_rows = buf.getvalue()
+            if text_rows:
+                await sub.write(text_rows)
                 await sub.flush()
         self.written += len(batch)
 

@@ -21,6 +21,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pipeline.config import Config
 from pipeline.items import Candidate, Result
 
+MAX_ANSWER_CHARS = 1000
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _FINAL = re.compile(
     r"(?:final answer|the answer)\s*(?:is|=|:)?\s*[:=]?\s*\$?\s*([-−]?[\d,]*\.?\d+(?:\s*/\s*\d+)?)",
@@ -87,6 +88,8 @@ def to_integer(answer: str) -> tuple[int | None, str | None]:
     Plain numbers are read directly; anything else goes through ``math-verify``.
     """
     s = _clean(answer)
+    if len(s) > MAX_ANSWER_CHARS:  # int() refuses past 4,300 digits; no valid answer is that long
+        return None, f"answer has {len(s):,} characters; too long to be an answer"
     if _PLAIN_INT.match(s):
         return int(s.replace(",", "")), None
     if _PLAIN_DEC.match(s):

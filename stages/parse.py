@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import AsyncIterator
@@ -27,10 +28,14 @@ from typing import Any
 
 import aiofiles
 import anyio
+import structlog
 
 from pipeline.items import Problem, Result, error_result
 
 CHUNK = 1 << 16
+MAX_LINE_BYTES = 1 << 20
+"""A line longer than this (1 MiB; a long competition problem is a few KiB) is an error result."""
+_ID_IN_JSON = re.compile(rb'"(?:id|ID)"\s*:\s*(?:"((?:[^"\\]|\\.){1,200})"|(-?\d{1,30}))')
 ID_FIELDS = ("id", "ID")
 TEXT_FIELDS = ("problem", "question", "text")
 
@@ -94,12 +99,21 @@ def record_to_problem(record: Any, line: int | None = None) -> Problem | Result:
     return Problem(id=pid, text=text, answer=gold, line=line)
 
 
+def decode_line(raw: bytes, line: int) -> str:
+    """UTF-8 text of a line; invalid bytes become U+FFFD (with a warning naming the line), so the id
+    and the rest of the problem survive."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        structlog.get_logger("pipeline.parse").warning(
+            "invalid UTF-8 replaced with U+FFFD", line=line, reason=e.reason, at_byte=e.start
+        )
+        return raw.decode("utf-8", errors="replace")
+
+
 def parse_json_line(raw: bytes, line: int) -> Problem | Result | None:
     """One JSONL line; ``None`` for a blank line."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return error_result(None, f"line {line}: not valid UTF-8 ({e.reason} at byte {e.start})", line=line)
+    text = decode_line(raw, line)
     if line == 1:
         text = text.lstrip("\ufeff")
     text = text.strip()
@@ -108,7 +122,9 @@ def parse_json_line(raw: bytes, line: int) -> Problem | Result | None:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
-        return error_result(None, f"line {line}: invalid JSON ({e.msg} at column {e.colno})", line=line)
+        # the id is often still readable: keep it, so the id gets its row in the submission
+        pid = id_from_prefix(raw[:65536])
+        return error_result(pid, f"line {line}: invalid JSON ({e.msg} at column {e.colno})", line=line)
     return record_to_problem(record, line)
 
 
@@ -169,18 +185,73 @@ async def _chunks(source: str | Path) -> AsyncIterator[bytes]:
                 yield chunk
 
 
-async def read_lines(source: str | Path) -> AsyncIterator[tuple[int, bytes]]:
-    """``(line_number, raw_bytes)`` for each physical line, without its line end."""
-    buffer = b""
+class LineTooLong(ValueError):
+    """A line over ``MAX_LINE_BYTES``: ``prefix`` holds its first bytes (to recover the id from)."""
+
+    def __init__(self, line: int, prefix: bytes, limit: int) -> None:
+        super().__init__(f"line {line}: longer than {limit:,} bytes; skipped")
+        self.line = line
+        self.prefix = prefix
+
+
+async def read_lines(
+    source: str | Path, *, max_bytes: int = MAX_LINE_BYTES
+) -> AsyncIterator[tuple[int, bytes | LineTooLong]]:
+    """``(line_number, raw_bytes)`` for each physical line, without its line end, in linear time.
+
+    A line longer than ``max_bytes`` comes as ``(line_number, LineTooLong)``; the rest of it is skipped
+    without being kept, so memory stays bounded whatever the input.
+    """
+    parts: list[bytes] = []
+    size = 0
     number = 0
+    too_long: LineTooLong | None = None
     async for chunk in _chunks(source):
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for raw in lines:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if too_long is None:
+                if size + len(piece) > max_bytes:
+                    prefix = (b"".join(parts) + piece[:65536])[:65536]  # bounded: at most max_bytes
+                    too_long = LineTooLong(number + 1, prefix, max_bytes)
+                    parts, size = [], 0
+                else:
+                    parts.append(piece)
+                    size += len(piece)
+            if end < 0:
+                break
             number += 1
-            yield number, raw.rstrip(b"\r")
-    if buffer:
-        yield number + 1, buffer.rstrip(b"\r")
+            if too_long is not None:
+                yield number, too_long
+                too_long = None
+            else:
+                yield number, b"".join(parts).rstrip(b"\r")
+            parts, size = [], 0
+            start = end + 1
+    if too_long is not None:
+        yield number + 1, too_long
+    elif size:
+        yield number + 1, b"".join(parts).rstrip(b"\r")
+
+
+def id_from_prefix(prefix: bytes) -> str | None:
+    """The id of a JSONL line from its first bytes (for a line too long to parse), or ``None``."""
+    m = _ID_IN_JSON.search(prefix)
+    if m is None:
+        return None
+    if m.group(2) is not None:
+        return m.group(2).decode()
+    try:
+        value = json.loads(b'"' + m.group(1) + b'"')
+    except ValueError:
+        return None
+    return str(value).strip() or None
+
+
+def _too_long(err: LineTooLong, pid: str | None) -> Result:
+    structlog.get_logger("pipeline.parse").warning("line too long; skipped", line=err.line, id=pid)
+    return error_result(pid, str(err), line=err.line)
 
 
 def check_source(source: str | Path) -> str:
@@ -199,17 +270,47 @@ def check_source(source: str | Path) -> str:
     return "csv" if p.suffix.lower() == ".csv" else "jsonl"
 
 
-async def _csv_problems(lines: AsyncIterator[tuple[int, bytes]]) -> AsyncIterator[Problem | Result | None]:
+def _open_quote(text: str, quoted: bool = False) -> bool:
+    """Whether a CSV record is still inside a quoted field at the end of ``text`` (the ``csv`` module's
+    rules: a quote opens a quoted field only at the start of a field; inside one, ``""`` is a quote;
+    a quote inside an unquoted field is just a character). ``quoted``: the text starts inside one."""
+    at_start = not quoted
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if quoted:
+            if c == '"':
+                if i + 1 < n and text[i + 1] == '"':
+                    i += 1
+                else:
+                    quoted = False
+        elif c == '"' and at_start:
+            quoted = True
+        at_start = c in ",\n" and not quoted
+        i += 1
+    return quoted
+
+
+async def _csv_problems(
+    lines: AsyncIterator[tuple[int, bytes | LineTooLong]],
+) -> AsyncIterator[Problem | Result | None]:
     header: list[str] | None = None
+    id_column = 0
     usable = False
     record: list[str] = []
     start = 0
+    quoted = False
     async for number, raw in lines:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield error_result(None, f"line {number}: not valid UTF-8 ({e.reason})", line=number)
+        if isinstance(raw, LineTooLong):
+            pid = None
+            if usable and header is not None and not record:
+                row = next(csv.reader(io.StringIO(raw.prefix.decode("utf-8", errors="replace"))), [])
+                if len(row) > id_column + 1:  # the id field ended inside the prefix
+                    pid = row[id_column].strip() or None
+            record, quoted = [], False
+            yield _too_long(raw, pid)
             continue
+        text = decode_line(raw, number)
         if number == 1:
             text = text.lstrip("\ufeff")
         if not record:
@@ -217,15 +318,18 @@ async def _csv_problems(lines: AsyncIterator[tuple[int, bytes]]) -> AsyncIterato
             if not text.strip():
                 continue
         record.append(text)
-        joined = "\n".join(record)
-        if joined.count('"') % 2:  # a quoted field runs on to the next line
+        quoted = _open_quote(text, quoted)
+        if quoted:  # a quoted field runs on to the next line
             continue
+        joined = "\n".join(record)
         record = []
         row = next(csv.reader(io.StringIO(joined)), [])
         if header is None:
             header = [h.strip() for h in row]
             usable = any(h in header for h in ID_FIELDS) and any(h in header for h in TEXT_FIELDS)
-            if not usable:
+            if usable:
+                id_column = next(header.index(h) for h in ID_FIELDS if h in header)
+            else:
                 yield error_result(
                     None, f"line {start}: CSV header must name an 'id' and a 'problem' column", line=start
                 )
@@ -234,8 +338,9 @@ async def _csv_problems(lines: AsyncIterator[tuple[int, bytes]]) -> AsyncIterato
             yield error_result(None, f"line {start}: no usable CSV header (see line 1)", line=start)
             continue
         if len(row) != len(header):
+            pid = row[id_column].strip() if len(row) > id_column else None
             yield error_result(
-                None, f"line {start}: expected {len(header)} CSV fields, got {len(row)}", line=start
+                pid or None, f"line {start}: expected {len(header)} CSV fields, got {len(row)}", line=start
             )
             continue
         yield record_to_problem(dict(zip(header, row, strict=True)), start)
@@ -255,14 +360,25 @@ async def read_problems(source: str | Path) -> AsyncIterator[Problem | Result]:
     if fmt == "csv":
         items = _csv_problems(read_lines(source))
     else:
-        items = (parse_json_line(raw, n) async for n, raw in read_lines(source))
+        items = (
+            _too_long(raw, id_from_prefix(raw.prefix))
+            if isinstance(raw, LineTooLong)
+            else parse_json_line(raw, n)
+            async for n, raw in read_lines(source)
+        )
     async for item in items:
         if item is not None:
             yield item
 
 
 def dedupe(item: Problem | Result, seen: dict[str, int | None]) -> Problem | Result:
-    """Apply the duplicate-id policy: a repeated id becomes an error naming the first line."""
+    """Apply the duplicate-id policy: the first line with an id owns it (even a bad line, whose error
+    is then the id's answer); a later line with the same id becomes an error naming the first line,
+    marked ``duplicate`` (it gets no submission row, and ``--resume`` does not count its id)."""
+    if isinstance(item, Result):
+        if item.id is not None and not item.duplicate:
+            seen.setdefault(item.id, item.line)
+        return item
     if isinstance(item, Problem):
         if item.id in seen:
             first = seen[item.id]
@@ -273,6 +389,7 @@ def dedupe(item: Problem | Result, seen: dict[str, int | None]) -> Problem | Res
                 f"{where}duplicate id {item.id!r} (first seen{at}); this line was not solved",
                 line=item.line,
                 gold=item.answer,
+                duplicate=True,
             )
         seen[item.id] = item.line
     return item

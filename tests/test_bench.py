@@ -46,17 +46,20 @@ def test_batch_sweep_draws_its_plot(tmp_path: Path):
 
 
 def test_load_with_poisson_arrivals_and_the_gateway(tmp_path: Path):
-    report = run(tmp_path, "load", "--fake", "--problems", "4", "--rates", "40")
+    report = run(tmp_path, "load", "--fake", "--fake-delay-ms", "50", "--problems", "4", "--rates", "40")
     assert [r["arrival"] for r in report["rows"]] == ["poisson 40/s", "gateway (one at a time)"]
-    row = report["rows"][0]
-    assert row["latency_p50_s"] <= row["latency_p95_s"] <= row["latency_p99_s"]
+    for row in report["rows"]:  # every problem waits at least for one 50 ms batch, and not for ages
+        assert 0.05 <= row["latency_p50_s"] <= row["latency_p99_s"] < 10
+    gateway = report["rows"][1]
+    assert gateway["seconds"] >= 4 * 0.05  # one at a time: four batches back to back
     assert (tmp_path / "latency_vs_rate.png").exists()
 
 
 def test_memory_samples_rss(tmp_path: Path):
     report = run(tmp_path, "memory", "--fake", "--problems", "300")
     row = report["rows"][0]
-    assert row["problems"] == 300 and len(row["samples"]) >= 1 and row["rss_peak_mb"] >= row["rss_start_mb"]
+    assert row["problems"] == 300 and len(row["samples"]) >= 1
+    assert row["rss_growth_second_half_mb"] < 50  # flat: 300 problems must not grow the process
     assert (tmp_path / "memory_over_time.png").exists()
 
 
@@ -65,6 +68,7 @@ def test_accuracy_greedy_and_majority(tmp_path: Path):
     assert [r["scenario"] for r in report["rows"]] == ["greedy float32", "majority of 3"]
 
 
+@pytest.mark.model
 def test_compare_with_the_real_model_reports_ratios(tmp_path: Path):
     report = run(
         tmp_path,

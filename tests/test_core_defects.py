@@ -53,7 +53,7 @@ def live_children() -> set[int]:
     return {c.pid for c in psutil.Process().children() if c.is_running() and c.status() != "zombie"}
 
 
-HUGE = "\\boxed{" + "9" * 5000 + "}"  # int() refuses more than 4300 digits: ValueError in the checker
+HUGE = "\\boxed{" + "9" * 5000 + "}"  # int() refuses more than 4300 digits: it used to raise in the checker
 
 
 # --- 1. an exception while checking one sample is that sample's failure ------------------------------
@@ -69,9 +69,23 @@ async def test_a_checker_exception_fails_only_that_sample():
     assert [c.generation.index for c in out] == [0, 1]
     assert out[0].answer is None
     assert out[0].reason is not None
-    assert out[0].reason.startswith("cannot check the answer: ValueError: ")
-    assert "digits" in out[0].reason
+    assert "too long to be an answer" in out[0].reason
     assert out[1].answer == 42 and out[1].reason is None
+
+
+def test_check_batch_turns_a_checker_exception_into_that_texts_reason(monkeypatch: pytest.MonkeyPatch):
+    from stages import verification
+
+    def check(text, **kw):
+        if "boom" in text:
+            raise ValueError("Exceeds the limit (4300 digits) for integer string conversion")
+        return 42, "42", None
+
+    monkeypatch.setattr(verification, "check_answer", check)
+    out = verification.check_batch(["boom", "\\boxed{42}"], None, 0, 100)
+    assert out[0][0] is None and (out[0][2] or "").startswith("cannot check the answer: ValueError: ")
+    assert "digits" in (out[0][2] or "")
+    assert out[1] == (42, "42", None)
 
 
 async def test_the_stage_survives_a_checker_exception():
@@ -90,7 +104,7 @@ async def test_the_stage_survives_a_checker_exception():
         await v.aclose()
     assert all(isinstance(c, Candidate) for c in out)
     by_index = {c.generation.index: c for c in out if isinstance(c, Candidate)}
-    assert by_index[0].answer is None and "ValueError" in (by_index[0].reason or "")
+    assert by_index[0].answer is None and "too long" in (by_index[0].reason or "")
     assert by_index[1].answer == 42
 
 

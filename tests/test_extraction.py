@@ -103,7 +103,11 @@ def test_build_result_ok_and_fallback():
     assert "no answer found" in (fb.error or "")
 
 
-@given(st.text(max_size=300))
+@given(
+    st.text(max_size=300)
+    | st.builds(lambda n, w: f"so \\boxed{{{'9' * n}}} {w}", st.integers(4000, 6000), st.text(max_size=20))
+    | st.builds(lambda n: "The final answer is " + "7" * n, st.integers(900, 5000))
+)
 def test_extraction_never_raises(text):
     answer, _, reason = check_answer(text, modulus=None, lo=0, hi=99999)
     assert (answer is None) == (reason is not None)

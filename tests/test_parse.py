@@ -61,10 +61,10 @@ def test_bad_lines_become_errors_naming_the_line(line, message):
     assert item.error is not None and item.error.startswith("line 12: ") and message in item.error
 
 
-def test_invalid_utf8_is_an_error_for_that_line_only():
-    item = parse_json_line(b'{"id": "a", "problem": "\xff"}', 3)
-    assert isinstance(item, Result)
-    assert "not valid UTF-8" in (item.error or "")
+def test_invalid_utf8_is_replaced_and_the_line_kept():
+    item = parse_json_line(b'{"id": "a", "problem": "caf\xe9 \xff"}', 3)
+    assert isinstance(item, Problem)
+    assert (item.id, item.text, item.line) == ("a", "caf\ufffd \ufffd", 3)
 
 
 async def test_duplicates_first_is_solved_repeat_is_an_error(tmp_path: Path):

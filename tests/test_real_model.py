@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 import anyio
+import pytest
 
 from pipeline import Pipeline
 from stages.backends.base import Backend, Request, SamplingParams
 from stages.backends.models import DEFAULT_MODEL_NAME, cache_root, resolve_model
-from stages.backends.transformers_backend import choose_device_dtype
+from stages.backends.transformers_backend import choose_device_dtype, cpu_has_native_bf16
 from tests.conftest import small_config
+
+pytestmark = pytest.mark.model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,11 +30,18 @@ def test_default_model_is_converted_once_to_a_safetensors_folder():
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
 
 
-def test_auto_device_and_dtype_on_cpu():
+def test_auto_device_and_dtype_follow_the_hardware():
+    import torch
+
     device, dtype = choose_device_dtype("auto", "auto")
-    assert device == "cpu"
-    assert dtype in ("bfloat16", "float32")
+    if torch.cuda.is_available():
+        assert device == "cuda"
+        assert dtype == ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    else:
+        assert device == "cpu"
+        assert dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")
     assert choose_device_dtype("cpu", "float32") == ("cpu", "float32")
+    assert choose_device_dtype("cpu", "auto")[1] == ("bfloat16" if cpu_has_native_bf16() else "float32")
 
 
 async def _generate_all(backend, requests, *, together=True):
@@ -116,7 +126,9 @@ async def test_cancelling_a_request_drops_it_from_the_batch_within_a_step(real_b
 
 
 async def test_pipeline_end_to_end_with_the_real_model(real_backend: Backend):
-    cfg = small_config(generation={"max_new_tokens": 48})
+    # Greedy float32 answers of the default model, pinned: a broken prompt, model, extractor or vote
+    # changes them. (It gets "3 + 4" wrong; that is the model, not the pipeline.)
+    cfg = small_config(generation={"max_new_tokens": 160})
     items = [
         {"id": "a", "problem": "What is 3 + 4?", "answer": 7},
         {"id": "b", "problem": "What is 10 times 10?", "answer": 100},
@@ -125,14 +137,17 @@ async def test_pipeline_end_to_end_with_the_real_model(real_backend: Backend):
     async with Pipeline(cfg, backend=real_backend) as p:
         with anyio.fail_after(240):
             results = [r async for r in p.stream(items)]
-    assert sorted(r.id for r in results) == ["a", "b", "c"]
+    by_id = {r.id: r for r in results}
+    assert {k: (r.status, r.answer) for k, r in by_id.items()} == {
+        "a": ("ok", 10),
+        "b": ("ok", 100),
+        "c": ("ok", 10),
+    }
     for r in results:
-        assert r.status in ("ok", "fallback")
-        assert r.answer is not None and 0 <= r.answer <= 99999
-        assert 0 < r.new_tokens <= 48 and r.prompt_tokens > 10
+        assert r.finish == {"eos": 1} and 0 < r.new_tokens < 160 and r.prompt_tokens > 10
         assert r.timings["inference"] > 0
     summary = p.stats.summary()
-    assert summary["problems"] == 3 and summary["graded"] == 3
+    assert summary["problems"] == 3 and summary["graded"] == 3 and summary["accuracy"] == round(1 / 3, 4)
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:

@@ -32,9 +32,12 @@ async def test_results_append_and_submission_is_valid_csv(tmp_path: Path):
     assert [x["id"] for x in lines] == ["old", "a,b", "c", None]
     assert lines[3]["error"] == "line 3: invalid JSON" and lines[3]["line"] == 3
     rows = list(csv.reader(sub.read_text().splitlines()))
-    assert rows == [["id", "answer"], ["a,b", "5"], ["c", "7"]]  # errors get the fallback; no id, no row
+    # the submission follows the whole results file (the earlier "old" line included); errors get the
+    # fallback; no id, no row
+    assert rows == [["id", "answer"], ["old", "1"], ["a,b", "5"], ["c", "7"]]
     await write(ResultWriter(str(out), str(sub)), [Result(id="d", answer=1, status="ok")])
     assert sub.read_text().count("id,answer") == 1  # the header is written once
+    assert sub.read_text().splitlines()[-1] == "d,1"
 
 
 async def test_standard_output():

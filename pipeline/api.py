@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -26,12 +27,20 @@ from pipeline.cache import ResultCache
 from pipeline.config import Config
 from pipeline.items import Problem, Result
 from pipeline.runner import Engine, Route, RunStats
-from stages.backends.base import Backend, BackendError
+from stages.backends.base import Backend
+from stages.parse import RecordConverter
 from stages.verification import Verification
 
 
 class PipelineError(RuntimeError):
     """The pipeline cannot run (the model does not load, the cache cannot open)."""
+
+
+def _first_exception(exc: BaseException) -> BaseException:
+    """The first leaf of an exception group (task groups wrap what their tasks raised)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def load_backend(cfg: Config) -> Backend:
@@ -178,8 +187,9 @@ class Pipeline:
                 pass
             self._tg = None
             await self.__aexit__(type(e), e, e.__traceback__)
-            if isinstance(e, BackendError):
-                raise PipelineError(str(e)) from e
+            leaf = _first_exception(e)
+            if isinstance(leaf, Exception) and not isinstance(leaf, PipelineError):
+                raise PipelineError(f"the model backend failed to start: {leaf}") from e
             raise
         self._engine.stats.started = time.perf_counter()
         self._stats = self._engine.stats
@@ -266,12 +276,25 @@ class Pipeline:
         if route.error is not None:
             raise route.error
 
-    async def solve(self, problem: Problem | str | dict[str, Any]) -> Result:
+    async def solve(
+        self, problem: Problem | str | dict[str, Any], *, timeout_s: float | None = None
+    ) -> Result:
         """Solve one problem and return its result.
+
+        ``timeout_s``: after this many seconds the problem's unfinished samples are cancelled and the
+        vote is taken on what finished (a ``fallback`` answer when nothing did). An identical problem
+        already in flight is shared, with that one's deadline.
 
         Raises:
             PipelineError: the pipeline has not been entered.
         """
+        if timeout_s is not None:
+            if not isinstance(problem, Problem):
+                converted = RecordConverter()(problem)
+                if isinstance(converted, Result):
+                    return converted
+                problem = converted
+            problem = replace(problem, deadline=time.perf_counter() + timeout_s)
         result: Result | None = None
         async for r in self.stream([problem]):
             result = r

@@ -53,6 +53,7 @@ _FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "cache_dir": ("cache", "dir"),
     "max_in_flight": ("run", "max_in_flight"),
     "max_tokens_in_flight": ("run", "max_tokens_in_flight"),
+    "problem_timeout": ("run", "problem_timeout_s"),
     "gpu_memory_utilization": ("vllm", "gpu_memory_utilization"),
     "max_model_len": ("vllm", "max_model_len"),
     "max_num_seqs": ("vllm", "max_num_seqs"),
@@ -133,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-size", type=int, help="in-memory LRU entries (default 10000; 0 disables)")
     g.add_argument("--cache-dir", help="a folder for a persistent result cache (SQLite)")
     g.add_argument("--max-in-flight", type=int, help="problems admitted at once (default 64)")
+    g.add_argument(
+        "--problem-timeout",
+        type=float,
+        help="seconds a problem may take from admission; then the vote is taken on what finished",
+    )
     g.add_argument(
         "--max-tokens-in-flight",
         type=int,

@@ -149,17 +149,25 @@ class RunConfig:
     sized from it, so host memory stays flat however long the input is. The inference stage keeps at
     most ``max_in_flight x samples`` requests in the backend, and, with ``max_tokens_in_flight``, at
     most that many tokens (prompt + ``max_new_tokens`` per request; a request larger than the cap
-    still runs alone). ``verify_workers`` is the number of verification worker processes.
+    still runs alone). ``problem_timeout_s`` caps each problem from admission: its unfinished samples
+    are cancelled and the vote is taken on what finished (a fallback answer when nothing did).
+    ``verify_workers`` is the number of verification worker processes.
     """
 
     max_in_flight: int = 64
     max_tokens_in_flight: int | None = None
+    problem_timeout_s: float | None = None
     verify_workers: int = 2
     verify_batch: int = 64
     verify_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         _check(self.max_in_flight >= 1, "run.max_in_flight", "must be at least 1")
+        _check(
+            self.problem_timeout_s is None or self.problem_timeout_s > 0,
+            "run.problem_timeout_s",
+            "must be positive",
+        )
         _check(
             self.max_tokens_in_flight is None or self.max_tokens_in_flight >= 1,
             "run.max_tokens_in_flight",

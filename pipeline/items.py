@@ -20,7 +20,8 @@ class Problem:
 
     ``id`` is the caller's identifier (the output is keyed by it), ``text`` the problem statement,
     ``answer`` the gold answer when known (for accuracy figures), ``line`` the 1-based input line it
-    came from (``None`` for problems given through the API).
+    came from (``None`` for problems given through the API). ``deadline`` (a ``time.perf_counter()``
+    value) is when its samples are cut off and the vote taken on what finished.
     """
 
     id: str
@@ -28,6 +29,7 @@ class Problem:
     answer: int | None = None
     line: int | None = None
     submitted: float = field(default_factory=time.perf_counter, compare=False)
+    deadline: float | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id.strip():

@@ -142,7 +142,11 @@ class Engine:
         cand_send, cand_receive = self._candidates
         res_send, res_receive = self._results
         async with anyio.create_task_group() as outer:
-            await outer.start(self.backend.serve)
+            try:
+                await outer.start(self.backend.serve)
+            except BaseException:
+                self._close_streams()  # the stages never started: nothing else will close them
+                raise
             async with anyio.create_task_group() as tg:
                 tg.start_soon(tokenization.run, self._jobs_receive, enc_send, self.backend, self.cfg)
                 tg.start_soon(self.inference.run, enc_receive, gen_send)
@@ -154,6 +158,13 @@ class Engine:
                 tg.start_soon(self._route_results, res_receive)
                 task_status.started()
             outer.cancel_scope.cancel()
+
+    def _close_streams(self) -> None:
+        for pair in (self._encoded, self._generations, self._candidates, self._results):
+            for end in pair:
+                end.close()
+        self._jobs_receive.close()
+        self._jobs_send.close()
 
     def close(self) -> None:
         """No more jobs: the stages finish what they hold and exit."""
@@ -182,6 +193,9 @@ class Engine:
             if isinstance(item, Result):
                 await self._deliver(item, route)
                 return
+            timeout = self.cfg.run.problem_timeout_s
+            if timeout is not None and item.deadline is None:
+                item = replace(item, deadline=time.perf_counter() + timeout)
             key = cache_key(item.text, self.fingerprint)
             serial = self._by_key.get(key)
             if serial is not None:  # the same problem is already being computed: share it

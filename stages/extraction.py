@@ -21,6 +21,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pipeline.config import Config
 from pipeline.items import Candidate, Result
 
+TIME_LIMIT = "time limit reached"
+"""The error of a sample cut off by its problem's deadline (``Problem.deadline``)."""
+
 MAX_ANSWER_CHARS = 1000
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _FINAL = re.compile(
@@ -180,6 +183,13 @@ def build_result(candidates: list[Candidate], cfg: Config) -> Result:
     if answer is not None:
         return Result(answer=answer, status="ok", **common)
     failed = [c for c in candidates if c.generation.error is not None]
+    if failed and all(c.generation.error == TIME_LIMIT for c in failed) and len(failed) == len(candidates):
+        return Result(
+            answer=cfg.answer.fallback,
+            status="fallback",
+            error=f"time limit reached before any of {len(candidates)} samples finished",
+            **common,
+        )
     if len(failed) == len(candidates):
         return Result(
             answer=None, status="error", error=f"generation failed: {failed[0].generation.error}", **common

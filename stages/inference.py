@@ -12,6 +12,7 @@ travels on as a ``Generation`` with ``finish_reason="aborted"``, so downstream c
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pipeline.config import Config
 from pipeline.items import Encoded, Generation, Result
 from stages.backends.base import Backend, Completion, Request, SamplingParams, sample_seed
+from stages.extraction import TIME_LIMIT
 
 
 class InferenceStats:
@@ -111,7 +113,11 @@ class Inference:
                 if not self.wanted(serial):
                     continue
                 samples = self.cfg.generation.samples
-                scopes = [anyio.CancelScope() for _ in range(samples)]
+                deadline = item.problem.deadline
+                at = math.inf
+                if deadline is not None:  # perf_counter time to the event loop's clock
+                    at = anyio.current_time() + (deadline - time.perf_counter())
+                scopes = [anyio.CancelScope(deadline=at) for _ in range(samples)]
                 self._scopes[serial] = scopes
                 live = [samples]
                 for index, scope in enumerate(scopes):
@@ -182,7 +188,9 @@ class Inference:
             text, new_tokens, reason = "", 0, "error"
         else:
             s.aborted += 1
-            text, new_tokens, reason, error = "", 0, "aborted", "cancelled"
+            timed_out = anyio.current_time() >= scope.deadline
+            text, new_tokens, reason = "", 0, "aborted"
+            error = TIME_LIMIT if timed_out else "cancelled"
         await send.send(
             Generation(
                 encoded=encoded,

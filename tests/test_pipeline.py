@@ -251,3 +251,40 @@ async def test_each_result_counts_how_its_samples_finished():
         out = {r.id: r for r in await collect(p, items)}
     assert out["l"].finish == {"length": 2} and out["l"].to_json()["finish"] == {"length": 2}
     assert out["s"].finish == {"eos": 2} and out["s"].answer == 2
+
+
+async def test_a_problem_deadline_votes_on_what_finished_and_falls_back_when_nothing_did():
+    def responder(text, nth):  # the first sample of "partial" answers at once; every other one rambles
+        return "\\boxed{6}" if "partial" in text and nth == 0 else "word " * 100_000
+
+    backend = FakeBackend(responder, step_s=0.005)
+    cfg = small_config(generation={"samples": 3})
+    async with Pipeline(cfg, backend=backend) as p:
+        with anyio.fail_after(20):
+            none = await p.solve({"id": "n", "problem": "nothing finishes"}, timeout_s=0.3)
+            part = await p.solve({"id": "p", "problem": "partial"}, timeout_s=0.3)
+        assert p.engine.inference.stats.in_flight == 0
+    assert none.status == "fallback" and none.answer == 0
+    assert "time limit reached before any of 3 samples finished" in (none.error or "")
+    assert none.finish == {"aborted": 3}
+    assert part.status == "ok" and part.answer == 6 and part.finish == {"eos": 1, "aborted": 2}
+
+
+async def test_problem_timeout_from_the_config_caps_every_problem():
+    backend = FakeBackend(lambda t, n: "word " * 100_000, step_s=0.005)
+    async with Pipeline(small_config(run={"problem_timeout_s": 0.2}), backend=backend) as p:
+        with anyio.fail_after(20):
+            results = await collect(p, problems(3))
+    assert [r.status for r in results] == ["fallback"] * 3
+
+
+async def test_a_backend_that_cannot_start_is_a_pipeline_error_and_leaves_nothing_open():
+    from pipeline.api import PipelineError
+
+    class Broken(FakeBackend):
+        async def serve(self, *, task_status):
+            raise RuntimeError("no GPU memory left")
+
+    with pytest.raises(PipelineError, match="failed to start: no GPU memory left"):
+        async with Pipeline(small_config(), backend=Broken()):
+            pass

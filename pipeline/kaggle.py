@@ -319,14 +319,26 @@ class KagglePredictor:
         self.close()
 
 
-def make_predict(config: Config | None = None, **options: Any) -> KagglePredictor:
-    """A ``predict(id_, problem)`` for the evaluation gateway; the model starts loading now.
+def make_predict(config: Config | None = None, **options: Any) -> Callable[..., Any]:
+    """A ``predict(id_, problem)`` function for the evaluation gateway; the model starts loading now.
 
-    ``options`` are ``KagglePredictor``'s: ``total_budget_s`` (e.g. ``4.5 * 3600``),
+    The gateway accepts only a plain, named function (it checks ``types.FunctionType`` and uses the
+    name as the endpoint), so this returns one, named ``predict``, that calls a ``KagglePredictor``;
+    the predictor is ``predict.predictor``, and ``predict.close()`` / ``predict.wait_ready(s)`` reach
+    it. ``options`` are ``KagglePredictor``'s: ``total_budget_s`` (e.g. ``4.5 * 3600``),
     ``expected_problems`` (50), ``min_share_s``, ``max_share_s``, ``reserve_s``, ``results_path``
     (``aimo_results.jsonl``; ``None`` for none), ``fallback``, ``load_timeout_s``, ``backend``.
     """
-    return KagglePredictor(config, **options)
+    predictor = KagglePredictor(config, **options)
+
+    def predict(id_: Any, problem: Any = None, *rest: Any) -> Any:
+        """Answer one problem: a one-row ``id, answer`` DataFrame; never raises."""
+        return predictor(id_, problem, *rest)
+
+    predict.predictor = predictor  # type: ignore[attr-defined]
+    predict.close = predictor.close  # type: ignore[attr-defined]
+    predict.wait_ready = predictor.wait_ready  # type: ignore[attr-defined]
+    return predict
 
 
 def run_aimo1(env: Any, predict: Callable[..., Any]) -> int:

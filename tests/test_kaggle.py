@@ -2,10 +2,13 @@
 single-row polars Series, many calls in a row."""
 
 import json
+import os
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +20,15 @@ from stages.backends.fake import FakeBackend
 from tests.conftest import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def predicting(cfg, **options):
+    predict = make_predict(cfg, **options)
+    try:
+        yield predict
+    finally:
+        predict.close()
 
 
 def gateway_calls(predict, rows):
@@ -36,11 +48,12 @@ def check_frame(frame, problem_id):
 def test_the_gateway_way_many_calls_with_polars_series(tmp_path: Path):
     results = tmp_path / "results.jsonl"
     rows = [(f"q{i}", f"What is {i} + 3?") for i in range(6)] + [("q6", "What is 0 + 3?")]
-    predict = make_predict(small_config(cache={"size": 100}), backend=FakeBackend(), results_path=results)
-    try:
+    with predicting(
+        small_config(cache={"size": 100}), backend=FakeBackend(), results_path=results
+    ) as predict:
+        # the gateway accepts only a plain named function (types.FunctionType), the name being the endpoint
+        assert isinstance(predict, types.FunctionType) and predict.__name__ == "predict"
         frames = gateway_calls(predict, rows)
-    finally:
-        predict.close()
     assert [check_frame(f, pid) for f, (pid, _) in zip(frames, rows, strict=True)] == [3, 4, 5, 6, 7, 8, 3]
     lines = [json.loads(x) for x in results.read_text().splitlines()]
     assert [x["id"] for x in lines] == [r[0] for r in rows]
@@ -49,7 +62,7 @@ def test_the_gateway_way_many_calls_with_polars_series(tmp_path: Path):
 
 
 def test_pandas_frames_plain_strings_and_one_frame_with_both_columns(tmp_path: Path):
-    with make_predict(small_config(), backend=FakeBackend(), results_path=None) as predict:
+    with predicting(small_config(), backend=FakeBackend(), results_path=None) as predict:
         out = predict(pd.Series(["p1"], name="id"), pd.Series(["2 + 2"], name="problem"))
         assert isinstance(out, pd.DataFrame) and out.to_dict("list") == {"id": ["p1"], "answer": [4]}
         plain = predict("p2", "5 + 5")
@@ -63,7 +76,7 @@ def test_a_failing_backend_answers_the_fallback_and_never_raises(tmp_path: Path)
         raise RuntimeError("CUDA error: device-side assert triggered")
 
     results = tmp_path / "r.jsonl"
-    with make_predict(small_config(), backend=FakeBackend(fail=fail), results_path=results, fallback=7) as p:
+    with predicting(small_config(), backend=FakeBackend(fail=fail), results_path=results, fallback=7) as p:
         frames = gateway_calls(p, [("a", "1 + 1"), ("b", "2 + 2")])
         bad = p(None, None)  # not even an id: still a frame, with the fallback
     assert [check_frame(f, pid) for f, pid in zip(frames, ["a", "b"], strict=True)] == [7, 7]
@@ -77,7 +90,7 @@ def test_a_model_that_fails_to_load_answers_the_fallback(tmp_path: Path):
         async def serve(self, *, task_status):
             raise RuntimeError("no GPU memory left")
 
-    with make_predict(small_config(), backend=Broken(), results_path=None) as p:
+    with predicting(small_config(), backend=Broken(), results_path=None) as p:
         frame = p("x", "1 + 1")
     assert frame.to_dicts() == [{"id": "x", "answer": 0}]
 
@@ -85,7 +98,7 @@ def test_a_model_that_fails_to_load_answers_the_fallback(tmp_path: Path):
 def test_a_budget_smaller_than_the_work_still_answers_every_call_in_time(tmp_path: Path):
     backend = FakeBackend(lambda t, n: "word " * 1_000_000, step_s=0.005)  # never finishes by itself
     budget, n = 4.0, 5
-    with make_predict(
+    with predicting(
         small_config(),
         backend=backend,
         total_budget_s=budget,
@@ -145,7 +158,7 @@ def test_the_aimo1_loop():
             self.submitted.append(submission)
 
     env = Env()
-    with make_predict(small_config(), backend=FakeBackend(), results_path=None) as predict:
+    with predicting(small_config(), backend=FakeBackend(), results_path=None) as predict:
         assert run_aimo1(env, predict) == 3
     assert [s.to_dict("list") for s in env.submitted] == [
         {"id": [f"e{i}"], "answer": [i + 10]} for i in range(3)
@@ -164,7 +177,7 @@ def test_predict_with_the_real_small_model(tmp_path: Path):
     cfg = small_config(
         generation={"max_new_tokens": 24}, model={"dtype": "float32", "device": "cpu"}, cache={"size": 100}
     )
-    with make_predict(cfg, results_path=tmp_path / "r.jsonl", total_budget_s=600, expected_problems=3) as p:
+    with predicting(cfg, results_path=tmp_path / "r.jsonl", total_budget_s=600, expected_problems=3) as p:
         frames = gateway_calls(
             p, [("k1", "What is 2 + 2?"), ("k2", "What is 3 + 5?"), ("k3", "What is 2 + 2?")]
         )
@@ -172,3 +185,30 @@ def test_predict_with_the_real_small_model(tmp_path: Path):
     assert all(0 <= a <= 99999 for a in answers) and answers[0] == answers[2]
     lines = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [x["status"] for x in lines][2] == "cached" and lines[0]["new_tokens"] > 0
+
+
+@pytest.mark.model
+def test_the_example_notebook_runs_offline_without_the_gateway(tmp_path: Path):
+    csv = tmp_path / "test.csv"
+    csv.write_text('id,problem\nk1,What is 2 + 2?\nk2,"A 5"" ruler, plus 3?"\n')
+    env = {
+        **os.environ,
+        "AIMO_TEST_CSV": str(csv),
+        "AIMO_MAX_NEW_TOKENS": "16",
+        "AIMO_TIME_BUDGET_S": "300",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "kaggle_notebook.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    submission = pl.read_csv(tmp_path / "submission.csv")
+    assert submission.columns == ["id", "answer"] and submission["id"].to_list() == ["k1", "k2"]
+    assert len((tmp_path / "aimo_results.jsonl").read_text().splitlines()) == 2

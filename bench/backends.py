@@ -32,12 +32,14 @@ from typing import Any
 import anyio
 
 from bench.data import gsm8k
+from bench.scenarios import _encode_all as encode_all
+from bench.scenarios import _figures as scenario_figures
+from bench.scenarios import arrivals
 from pipeline.api import Pipeline
 from pipeline.config import Config
-from pipeline.items import Encoded, Job, Problem
+from pipeline.items import Problem
 from stages.backends.base import Backend, Request, SamplingParams
 from stages.extraction import check_answer
-from stages.tokenization import encode
 
 Figures = dict[str, Any]
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,24 +57,9 @@ def _config(args: argparse.Namespace, backend: str) -> Config:
 
 
 def _figures(name: str, problems: list[Problem], seconds: float, new_tokens: int, correct: int) -> Figures:
-    return {
-        "scenario": name,
-        "problems": len(problems),
-        "seconds": round(seconds, 3),
-        "problems_per_s": round(len(problems) / seconds, 3),
-        "new_tokens": new_tokens,
-        "new_tokens_per_s": round(new_tokens / seconds, 1),
-        "correct": correct,
-    }
-
-
-def _encoded(problems: list[Problem], backend: Backend, cfg: Config) -> list[Encoded]:
-    out = []
-    for i, p in enumerate(problems):
-        e = encode(Job(problem=p, key=str(i), serial=i), backend, cfg)
-        assert isinstance(e, Encoded), e
-        out.append(e)
-    return out
+    figures = scenario_figures(name, problems, seconds, new_tokens, correct)
+    figures["correct"] = correct
+    return figures
 
 
 def _correct(text: str, gold: int | None) -> bool:
@@ -82,7 +69,7 @@ def _correct(text: str, gold: int | None) -> bool:
 
 def plain_loop(problems: list[Problem], backend: Any, cfg: Config, batch: int) -> Figures:
     """Batched ``generate`` in input order (``TransformersBackend.generate_batch``: no scheduler)."""
-    enc = _encoded(problems, backend, cfg)
+    enc = encode_all(problems, backend, cfg)
     start = time.perf_counter()
     tokens = correct = 0
     for i in range(0, len(enc), batch):
@@ -106,7 +93,7 @@ def vllm_offline(problems: list[Problem], cfg: Config, tokenizer_backend: Backen
     settings = engine_settings(cfg, device="cpu", dtype=cfg.model.dtype, folder=folder, max_context=2048)
     llm = LLM(**settings)
     try:
-        enc = _encoded(problems, tokenizer_backend, cfg)
+        enc = encode_all(problems, tokenizer_backend, cfg)
         params = VSamplingParams(max_tokens=cfg.generation.max_new_tokens, temperature=0.0)
         llm.generate([TokensPrompt(prompt_token_ids=list(enc[0].prompt_ids))], params, use_tqdm=False)
         start = time.perf_counter()
@@ -145,27 +132,7 @@ async def load(
     problems: list[Problem], backend: Backend, cfg: Config, rate: float | None, name: str
 ) -> Figures:
     """Latency (submit to result) under Poisson arrivals at ``rate``/s, or one at a time (``None``)."""
-    import random
-
-    rng = random.Random(0)
-    latencies: list[float] = []
-    async with Pipeline(cfg, backend=backend) as p:
-        start = time.perf_counter()
-
-        async def one(problem: Problem) -> None:
-            t0 = time.perf_counter()
-            await p.solve(replace(problem, submitted=t0))
-            latencies.append(time.perf_counter() - t0)
-
-        if rate is None:
-            for problem in problems:
-                await one(problem)
-        else:
-            async with anyio.create_task_group() as tg:
-                for problem in problems:
-                    tg.start_soon(one, problem)
-                    await anyio.sleep(rng.expovariate(rate))
-        seconds = time.perf_counter() - start
+    latencies, seconds = await arrivals(problems, backend, cfg, rate)
     return {
         "scenario": f"load {name}",
         "arrival": "one at a time (gateway)" if rate is None else f"poisson {rate:g}/s",

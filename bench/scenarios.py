@@ -165,18 +165,14 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-async def load(
-    problems: list[Problem], backend: Backend, settings: Settings, rate: float | None, *, seed: int = 0
-) -> Figures:
-    """Submit problems as an arrival process and measure each one's latency (submit to result).
-
-    ``rate`` problems/s with exponential gaps (Poisson arrivals); ``None`` is the Kaggle gateway: one
-    ``solve()`` at a time, the next only after the previous answer.
-    """
+async def arrivals(
+    problems: list[Problem], backend: Backend, cfg: Config, rate: float | None, *, seed: int = 0
+) -> tuple[list[float], float]:
+    """Each problem's latency (submit to result) and the whole run's seconds, for problems arriving at
+    ``rate``/s with exponential gaps (Poisson), or one ``solve()`` at a time (``None``: the gateway)."""
     import random
 
     rng = random.Random(seed)
-    cfg = settings.config()
     latencies: list[float] = []
     async with Pipeline(cfg, backend=backend) as p:
         start = time.perf_counter()
@@ -195,6 +191,18 @@ async def load(
                     tg.start_soon(one, problem)
                     await anyio.sleep(rng.expovariate(rate))
         seconds = time.perf_counter() - start
+    return latencies, seconds
+
+
+async def load(
+    problems: list[Problem], backend: Backend, settings: Settings, rate: float | None, *, seed: int = 0
+) -> Figures:
+    """Submit problems as an arrival process and measure each one's latency (submit to result).
+
+    ``rate`` problems/s with exponential gaps (Poisson arrivals); ``None`` is the Kaggle gateway: one
+    ``solve()`` at a time, the next only after the previous answer.
+    """
+    latencies, seconds = await arrivals(problems, backend, settings.config(), rate, seed=seed)
     return {
         "scenario": "load",
         "arrival": "gateway (one at a time)" if rate is None else f"poisson {rate:g}/s",

@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", help="problems: .jsonl (id, problem[, answer]), .csv (id,problem[,answer]) or -")
     s.add_argument("--output", "-o", help="results JSONL file, appended (default: standard output)")
     s.add_argument("--submission", help="also write Kaggle's id,answer CSV here")
-    s.add_argument("--resume", action="store_true", help="skip ids already in --output and append the rest")
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip input lines already answered in --output (same line, same id); append the rest",
+    )
     s.add_argument("--config", help="a TOML file of settings; flags override it")
     g = s.add_argument_group("model")
     g.add_argument(

@@ -48,6 +48,9 @@ from pipeline.items import Problem, Result
 
 log = structlog.get_logger("pipeline.kaggle")
 
+ANSWER_MARGIN_S = 5.0
+"""How long past a problem's deadline a call waits for the vote before answering the fallback."""
+
 
 def scalar(value: Any, column: str | None = None) -> Any:
     """The single value in ``value``: a polars or pandas Series or DataFrame (first row; ``column``
@@ -198,18 +201,18 @@ class KagglePredictor:
     # --- the background event loop ---------------------------------------------------------------
 
     def _start(self, backend: Any) -> None:
+        import anyio
         from anyio.from_thread import start_blocking_portal
 
         self._portal_cm = start_blocking_portal()
         self._portal = self._portal_cm.__enter__()
+        self._stopped = self._portal.call(anyio.Event)  # before any close() can look for it
         self._serve_future = self._portal.start_task_soon(self._serve, backend)
 
     async def _serve(self, backend: Any) -> None:
-        import anyio
 
         from pipeline.api import Pipeline
 
-        self._stopped = anyio.Event()
         try:
             async with Pipeline(self.config, backend=backend) as p:
                 self._pipeline = p
@@ -275,8 +278,9 @@ class KagglePredictor:
         item = Problem(id=problem_id, text=text)
         future = self._portal.start_task_soon(functools.partial(pipeline.solve, item, timeout_s=left))
         try:
-            # the pipeline itself answers at the deadline; the extra second covers the vote and hand-over
-            result: Result = future.result(timeout=left + 2.0)
+            # the pipeline answers at the deadline; the margin covers checking the finished samples'
+            # answers and the vote (milliseconds, but a worker may have to be replaced)
+            result: Result = future.result(timeout=left + ANSWER_MARGIN_S)
         except FutureTimeout:
             future.cancel()
             return Result(id=problem_id, answer=None, status="error", error=f"no answer within {share:.1f} s")

@@ -217,19 +217,33 @@ class Engine:
                 await self._jobs_send.send(Job(problem=item, key=key, serial=serial))
                 return
         except BaseException:
-            # never submitted: whoever waits for it gets an error result instead of waiting forever
-            self._release_key(key, serial)
             with anyio.CancelScope(shield=True):  # route channels hold all admitted work: no wait
-                for w in self._waiters.pop(serial, []):
-                    p = w.problem
-                    reason = "cancelled before it was solved"
-                    await self._deliver(error_result(p.id, reason, line=p.line, gold=p.answer), w.route)
+                await self._not_submitted(item, key, serial)
             raise
         self._release_key(key, serial)
+        with anyio.CancelScope(shield=True):  # the hit is delivered whole even if this feeder is cancelled
+            for w in self._waiters.pop(serial, []):
+                await self._deliver(
+                    replace(hit, id=w.problem.id, line=w.problem.line, gold=w.problem.answer), w.route
+                )
+
+    async def _not_submitted(self, item: Problem, key: str, serial: int) -> None:
+        """The leader's feeder was cancelled before its job was submitted. Followers from other streams
+        still want the answer: submit it for them if the engine takes it now; anyone left gets an error
+        result instead of waiting forever."""
+        waiters = self._waiters.get(serial, [])
+        if any(w.problem is not item for w in waiters):
+            try:
+                self._jobs_send.send_nowait(Job(problem=item, key=key, serial=serial))
+            except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+            else:
+                return
+        self._release_key(key, serial)
         for w in self._waiters.pop(serial, []):
-            await self._deliver(
-                replace(hit, id=w.problem.id, line=w.problem.line, gold=w.problem.answer), w.route
-            )
+            p = w.problem
+            reason = "cancelled before it was solved"
+            await self._deliver(error_result(p.id, reason, line=p.line, gold=p.answer), w.route)
 
     def _release_key(self, key: str, serial: int) -> None:
         if self._by_key.get(key) == serial:
@@ -277,17 +291,18 @@ class Engine:
                 waiters = self._waiters.pop(serial, [])
                 if not waiters:  # everyone who asked has gone
                     continue
-                if result.key is not None:
+                if result.key is not None and "aborted" not in result.finish:  # a cut-short vote is not kept
                     try:
                         await self.cache.put(result.key, result)
                     except Exception as e:  # a cache failure is a warning; the answers go on
                         structlog.get_logger("pipeline.cache").warning(
                             "cannot store a result in the cache", error=f"{type(e).__name__}: {e}"
                         )
-                leader, *followers = waiters
-                await self._deliver(result, leader.route)
-                for w in followers:
+                for w in waiters:
                     p = w.problem
+                    if p.id == result.id and p.line == result.line:  # the problem that was computed
+                        await self._deliver(result, w.route)
+                        continue
                     status = "error" if result.status == "error" else "cached"
                     shared = replace(result, id=p.id, line=p.line, gold=p.answer, status=status)
                     await self._deliver(shared, w.route)

@@ -36,12 +36,13 @@ class OutputError(OSError):
 class Written:
     """What an earlier run's output file already holds (for ``--resume``).
 
-    ``lines``: every input line that has its result line. ``first_lines``: each id whose first
+    ``lines``: every input line that has its result line (line to the id written for it).
+    ``first_lines``: each id whose first
     occurrence has its result (id to that line; a repeated id's duplicate line does not count), so
     the resumed run can still mark later repeats as duplicates.
     """
 
-    lines: set[int] = field(default_factory=set)
+    lines: dict[int, str | None] = field(default_factory=dict)
     first_lines: dict[str, int | None] = field(default_factory=dict)
     count: int = 0
     repaired: bool = False
@@ -52,9 +53,11 @@ class Written:
         return set(self.first_lines)
 
     def has(self, problem_id: str | None, line: int | None) -> bool:
-        """Whether an input (by line, or by id where the line is unknown) already has its result."""
+        """Whether an input already has its result: its line was written for the same id (an input
+        that changed since is not skipped), or, where the line is unknown, its id's first occurrence."""
         if line is not None and line in self.lines:
-            return True
+            written = self.lines[line]
+            return written is None or problem_id is None or written == problem_id
         if problem_id is not None and problem_id in self.first_lines:
             first = self.first_lines[problem_id]
             return first is None or line is None or first == line
@@ -91,17 +94,18 @@ def read_written(path: str | Path) -> Written:
         done.count += 1
         line = obj.get("line") if isinstance(obj.get("line"), int) else None
         if line is not None:
-            done.lines.add(line)
+            done.lines[line] = str(obj["id"]) if obj.get("id") is not None else None
         if obj.get("id") is not None and obj.get("duplicate") is not True:
             done.first_lines.setdefault(str(obj["id"]), line)
     return done
 
 
 def submission_rows(results: str | Path, fallback: int) -> dict[str, int]:
-    """One answer per id from a results file: the first answered line of each id (an error line only
-    when the id has no other), duplicates and id-less lines left out. Unreadable lines are skipped."""
+    """One answer per id from a results file: the last answered line of each id (so a later run
+    appended to the same file wins), an error line only when the id has no answered one; duplicates
+    and id-less lines left out. Unreadable lines are skipped."""
     rows: dict[str, int] = {}
-    errored: set[str] = set()
+    answered: set[str] = set()
     with open(results, "rb") as f:
         for raw in f:
             try:
@@ -113,13 +117,11 @@ def submission_rows(results: str | Path, fallback: int) -> dict[str, int]:
             pid = str(obj["id"])
             answer = obj.get("answer")
             value = answer if isinstance(answer, int) and not isinstance(answer, bool) else fallback
-            is_error = obj.get("status") == "error"
-            if pid not in rows or (pid in errored and not is_error):
+            if obj.get("status") != "error":
                 rows[pid] = value
-                if is_error:
-                    errored.add(pid)
-                else:
-                    errored.discard(pid)
+                answered.add(pid)
+            elif pid not in answered:
+                rows[pid] = value
     return rows
 
 

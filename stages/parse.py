@@ -186,12 +186,14 @@ async def _chunks(source: str | Path) -> AsyncIterator[bytes]:
 
 
 class LineTooLong(ValueError):
-    """A line over ``MAX_LINE_BYTES``: ``prefix`` holds its first bytes (to recover the id from)."""
+    """A line over ``MAX_LINE_BYTES``: ``prefix`` holds its first bytes (to recover the id from),
+    ``quotes`` how many double quotes the whole line had (so a CSV reader keeps its quote state)."""
 
     def __init__(self, line: int, prefix: bytes, limit: int) -> None:
         super().__init__(f"line {line}: longer than {limit:,} bytes; skipped")
         self.line = line
         self.prefix = prefix
+        self.quotes = 0
 
 
 async def read_lines(
@@ -213,12 +215,15 @@ async def read_lines(
             piece = chunk[start:] if end < 0 else chunk[start:end]
             if too_long is None:
                 if size + len(piece) > max_bytes:
-                    prefix = (b"".join(parts) + piece[:65536])[:65536]  # bounded: at most max_bytes
-                    too_long = LineTooLong(number + 1, prefix, max_bytes)
+                    head = b"".join(parts)  # bounded: at most max_bytes
+                    too_long = LineTooLong(number + 1, (head + piece[:65536])[:65536], max_bytes)
+                    too_long.quotes = head.count(b'"') + piece.count(b'"')
                     parts, size = [], 0
                 else:
                     parts.append(piece)
                     size += len(piece)
+            else:
+                too_long.quotes += piece.count(b'"')
             if end < 0:
                 break
             number += 1
@@ -270,6 +275,20 @@ def check_source(source: str | Path) -> str:
     return "csv" if p.suffix.lower() == ".csv" else "jsonl"
 
 
+def _too_long_record(
+    err: LineTooLong, start: int, first: str, header: list[str] | None, usable: bool, id_column: int
+) -> Result:
+    """The error for a CSV record with an over-long line, under the record's first line and its id."""
+    pid = None
+    if usable and header is not None:
+        row = next(csv.reader(io.StringIO(first)), [])
+        if len(row) > id_column + 1:  # the id field ended before the cut
+            pid = row[id_column].strip() or None
+    reason = f"line {start}: CSV record skipped: {err}"
+    structlog.get_logger("pipeline.parse").warning("CSV record too long; skipped", line=start, id=pid)
+    return error_result(pid, reason, line=start)
+
+
 def _open_quote(text: str, quoted: bool = False) -> bool:
     """Whether a CSV record is still inside a quoted field at the end of ``text`` (the ``csv`` module's
     rules: a quote opens a quoted field only at the start of a field; inside one, ``""`` is a quote;
@@ -300,15 +319,24 @@ async def _csv_problems(
     record: list[str] = []
     start = 0
     quoted = False
+    oversized: LineTooLong | None = None
     async for number, raw in lines:
         if isinstance(raw, LineTooLong):
-            pid = None
-            if usable and header is not None and not record:
-                row = next(csv.reader(io.StringIO(raw.prefix.decode("utf-8", errors="replace"))), [])
-                if len(row) > id_column + 1:  # the id field ended inside the prefix
-                    pid = row[id_column].strip() or None
-            record, quoted = [], False
-            yield _too_long(raw, pid)
+            if not record:  # the line starts a record: its id is in the first bytes
+                start = number
+                first = raw.prefix.decode("utf-8", errors="replace")
+                # a quoted field opened on this line and not closed runs on (quote parity, as csv
+                # counts them once the field is open)
+                quoted = raw.quotes % 2 == 1
+            else:
+                first = record[0]
+                quoted = quoted != (raw.quotes % 2 == 1)
+            oversized = raw
+            record = [first]
+            if quoted:
+                continue
+            yield _too_long_record(oversized, start, first, header, usable, id_column)
+            record, oversized = [], None
             continue
         text = decode_line(raw, number)
         if number == 1:
@@ -317,6 +345,12 @@ async def _csv_problems(
             start = number
             if not text.strip():
                 continue
+        if oversized is not None:  # the rest of a record that had an over-long line: skip to its end
+            quoted = _open_quote(text, quoted)
+            if not quoted:
+                yield _too_long_record(oversized, start, record[0], header, usable, id_column)
+                record, oversized = [], None
+            continue
         record.append(text)
         quoted = _open_quote(text, quoted)
         if quoted:  # a quoted field runs on to the next line
@@ -344,7 +378,9 @@ async def _csv_problems(
             )
             continue
         yield record_to_problem(dict(zip(header, row, strict=True)), start)
-    if record:
+    if oversized is not None:
+        yield _too_long_record(oversized, start, record[0], header, usable, id_column)
+    elif record:
         yield error_result(None, f"line {start}: unterminated quoted CSV field", line=start)
 
 

@@ -141,6 +141,6 @@ def test_resume_repairs_a_half_written_last_line(tmp_path: Path):
     out = tmp_path / "results.jsonl"
     out.write_text('{"id": "a", "answer": 1}\n{"id": null, "line": 4, "status": "error"}\n{"id": "b", "ans')
     done = read_written(out)
-    assert done.repaired and done.ids == {"a"} and done.lines == {4} and done.count == 2
+    assert done.repaired and done.ids == {"a"} and done.lines == {4: None} and done.count == 2
     assert out.read_text().endswith('"error"}\n')
     assert done.has("a", 1) and not done.has("b", 2) and done.has(None, 4)

@@ -274,6 +274,44 @@ def test_a_results_file_alone_rebuilds_its_submission(tmp_path: Path):
         + json.dumps({"id": "y", "answer": 1, "status": "ok", "line": 2}) + "\n"
         + json.dumps({"id": "y", "answer": None, "status": "error", "line": 3, "duplicate": True}) + "\n"
         + "not json\n"
+        + json.dumps({"id": "z", "answer": 2, "status": "ok", "line": 4}) + "\n"
+        # a later run appended to the same file (no --resume): its answers win
+        + json.dumps({"id": "z", "answer": 3, "status": "ok", "line": 4}) + "\n"
+        + json.dumps({"id": "x", "answer": None, "status": "error", "line": 1}) + "\n"
     )  # fmt: skip
     rows = rebuild_submission(out, tmp_path / "s.csv", fallback=0)
-    assert rows == {"x": 9, "y": 1} and read_submission(tmp_path / "s.csv") == rows
+    assert rows == {"x": 9, "y": 1, "z": 3} and read_submission(tmp_path / "s.csv") == rows
+
+
+def test_resume_skips_a_line_only_when_it_still_holds_the_same_id(tmp_path: Path):
+    out = tmp_path / "r.jsonl"
+    out.write_text(json.dumps({"id": "b", "answer": 1, "status": "ok", "line": 2}) + "\n")
+    done = read_written(out)
+    assert done.has("b", 2)
+    assert not done.has("c", 2)  # the input changed since: line 2 is another problem now
+
+
+async def test_an_over_long_line_inside_a_quoted_csv_field_loses_no_other_record(tmp_path: Path):
+    from stages.parse import _csv_problems
+
+    f = tmp_path / "long.csv"
+    f.write_text(
+        'id,problem\n7,"text\n'
+        + "x" * 50
+        + '\n42,what is 1+1?\n"\n8,ok problem\n9,'
+        + "y" * 60
+        + "\n10,fine\n"
+    )
+
+    async def lines():
+        async for x in read_lines(f, max_bytes=40):
+            yield x
+
+    out = [x async for x in _csv_problems(lines())]
+    assert [(x.id, type(x).__name__, x.line) for x in out] == [
+        ("7", "Result", 2),
+        ("8", "Problem", 6),
+        ("9", "Result", 7),
+        ("10", "Problem", 8),
+    ]
+    assert "line 2: CSV record skipped: line 3: longer than 40 bytes" in (out[0].error or "")

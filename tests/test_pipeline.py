@@ -288,3 +288,48 @@ async def test_a_backend_that_cannot_start_is_a_pipeline_error_and_leaves_nothin
     with pytest.raises(PipelineError, match="failed to start: no GPU memory left"):
         async with Pipeline(small_config(), backend=Broken()):
             pass
+
+
+async def test_a_follower_still_gets_its_answer_when_the_leader_gives_up(monkeypatch, tmp_path):
+    from pipeline.cache import ResultCache
+
+    original = ResultCache.get
+
+    async def slow_get(self, problem, key):  # a disk lookup that cannot be interrupted
+        await anyio.to_thread.run_sync(time.sleep, 0.3)
+        return await original(self, problem, key)
+
+    monkeypatch.setattr(ResultCache, "get", slow_get)
+    cfg = small_config(cache={"size": 0, "dir": str(tmp_path / "c")}, run={"max_in_flight": 4})
+    got: dict[str, Result] = {}
+    async with Pipeline(cfg, backend=FakeBackend()) as p:
+
+        async def leader() -> None:
+            with anyio.move_on_after(0.1):  # gives up while its cache lookup is still running
+                await p.solve({"id": "A", "problem": "What is 1 + 2?"})
+
+        async def follower() -> None:
+            await anyio.sleep(0.05)  # the same text while A's lookup runs: B follows A
+            got["B"] = await p.solve({"id": "B", "problem": "What is 1 + 2?"})
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(leader)
+                tg.start_soon(follower)
+        assert p.engine.slots.value == 4  # every slot came back
+    assert got["B"].id == "B" and got["B"].answer == 3 and got["B"].status != "error"
+
+
+async def test_a_vote_cut_short_by_a_deadline_is_not_cached():
+    def responder(text, nth):
+        return "\\boxed{6}" if nth == 0 else "word " * 100_000
+
+    backend = FakeBackend(responder, step_s=0.005)
+    cfg = small_config(generation={"samples": 2}, cache={"size": 100})
+    async with Pipeline(cfg, backend=backend) as p:
+        with anyio.fail_after(20):
+            cut = await p.solve({"id": "a", "problem": "partial"}, timeout_s=0.3)
+            backend.responder = lambda t, n: "\\boxed{7}"
+            again = await p.solve({"id": "b", "problem": "partial"})
+    assert cut.answer == 6 and cut.finish == {"eos": 1, "aborted": 1}
+    assert again.status == "ok" and again.answer == 7  # computed afresh, not the cut-short vote

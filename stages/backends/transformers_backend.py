@@ -121,6 +121,7 @@ class _PickTokens:
             probs = torch.softmax(scores[i].float() / p.temperature, dim=-1)
             if p.min_p > 0:
                 probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs)
+                probs = probs / probs.sum()  # top-p below is on what min-p kept, as vLLM does
             if p.top_p < 1:
                 sorted_p, order = torch.sort(probs, descending=True)
                 beyond = torch.cumsum(sorted_p, dim=-1) - sorted_p > p.top_p
@@ -305,6 +306,14 @@ class TransformersBackend:
             do_sample=False,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids),
+            # neutral, so the model's own generation_config cannot reshape the scores before
+            # _PickTokens (the request's settings are the only ones, as on vLLM)
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+            temperature=None,
+            top_p=None,
+            top_k=None,
         )
         with torch.inference_mode():
             out = self.model.generate(

@@ -166,7 +166,8 @@ class VllmBackend:
         backend = cls(
             engine,
             tokenizer,
-            model_id=f"vllm:{name}|{dtype}",
+            # everything that changes the answers, so the result cache keeps them apart
+            model_id=f"vllm:{name}|{dtype}|q={settings.get('quantization')}|kv={settings['kv_cache_dtype']}",
             max_context=settings["max_model_len"],
             device=device,
             dtype=dtype,

@@ -280,5 +280,8 @@ class VllmBackend:
     def close(self) -> None:
         """Stop the engine and its processes (blocking; a few seconds)."""
         if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+            engine, self.engine = self.engine, None
+            engine.shutdown()
+            # AsyncLLM.__del__ calls shutdown() again at interpreter exit, when the modules it needs are
+            # already gone, and prints a TypeError: once is enough
+            engine.shutdown = lambda *args, **kwargs: None

@@ -9,6 +9,7 @@ by SIGINT or SIGTERM (finished results are written; ``--resume`` finishes the re
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -19,7 +20,7 @@ import structlog
 
 from pipeline import log as logsetup
 from pipeline.api import Pipeline, PipelineError
-from pipeline.config import Config, ConfigError
+from pipeline.config import PRESETS, Config, ConfigError, resolve
 from pipeline.items import Problem, Result
 from pipeline.sink import OutputError, ResultWriter, Written, check_writable, read_written
 from stages.backends.base import Backend
@@ -79,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip input lines already answered in --output (same line, same id); append the rest",
     )
     s.add_argument("--config", help="a TOML file of settings; flags override it")
+    s.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="a named bundle of settings (see the README); a config file and flags override it",
+    )
+    s.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved settings and where each came from (default, preset, file, flag); exit",
+    )
     g = s.add_argument_group("model")
     g.add_argument(
         "--model", help="a local Hugging Face folder or .gguf file (default: bundled SmolLM2-135M)"
@@ -163,18 +174,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Defaults, then ``--config``, then flags.
+    """Defaults, then ``--preset``, then ``--config``, then flags.
 
     Raises:
-        ConfigError: the file or a flag's value is invalid.
+        ConfigError: an unknown preset, or the file or a flag's value is invalid.
     """
-    cfg = Config.from_toml(args.config) if args.config else Config()
+    return resolve_args(args)[0]
+
+
+def resolve_args(args: argparse.Namespace) -> tuple[Config, dict[str, str]]:
+    """The config and where each setting came from (for ``--print-config``).
+
+    Raises:
+        ConfigError: as ``config_from_args``.
+    """
     overrides: dict[str, dict[str, Any]] = {}
     for flag, (section, name) in _FLAG_FIELDS.items():
         value = getattr(args, flag, None)
         if value is not None:
             overrides.setdefault(section, {})[name] = value
-    return cfg.replace(**overrides) if overrides else cfg
+    return resolve(getattr(args, "preset", None), getattr(args, "config", None), overrides)
+
+
+def print_config(cfg: Config, sources: dict[str, str]) -> None:
+    """The resolved settings as TOML, each with where it came from."""
+    for section, values in cfg.to_dict().items():
+        print(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, str):
+                shown = json.dumps(value)
+            elif isinstance(value, bool):
+                shown = "true" if value else "false"
+            else:
+                shown = repr(value)
+            line = f"{key} = {shown}" if value is not None else f"# {key} unset"
+            print(f"{line:<60} # {sources[f'{section}.{key}']}")
+        print()
 
 
 def _count_lines(path: str) -> int | None:
@@ -318,7 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logsetup.configure(json=args.log_json, level=args.log_level)
     try:
-        cfg = config_from_args(args)
+        cfg, sources = resolve_args(args)
+        if args.print_config:
+            print_config(cfg, sources)
+            return EXIT_OK
         if cfg.model.backend == "vllm":
             from stages.backends.vllm_backend import INSTALL_VLLM, vllm_available
 

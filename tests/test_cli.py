@@ -96,3 +96,41 @@ def test_backend_and_engine_flags_reach_the_config():
     assert cfg.run.max_tokens_in_flight == 9000
     plain = config_from_args(build_parser().parse_args(["stream", "x.jsonl"]))
     assert plain.vllm.enable_prefix_caching is True and plain.vllm.enforce_eager is None
+
+
+@pytest.mark.parametrize("name", ["max-accuracy", "max-speed", "low-memory", "timeout-safe", "sequential"])
+def test_each_preset_resolves_to_its_documented_settings(name):
+    from pipeline.config import PRESETS
+
+    cfg = config_from_args(build_parser().parse_args(["stream", "x.jsonl", "--preset", name]))
+    for section, values in PRESETS[name].items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{name}: {section}.{key}"
+    assert PRESETS["sequential"]["batch"] == {"max_batch_size": 1, "max_wait_ms": 0.0}
+
+
+def test_flags_override_a_file_which_overrides_a_preset(tmp_path: Path, capsys):
+    f = tmp_path / "c.toml"
+    f.write_text('preset = "max-accuracy"\n[generation]\nmax_new_tokens = 300\n')
+    argv = ["stream", "x.jsonl", "--config", str(f), "--samples", "3"]
+    cfg = config_from_args(build_parser().parse_args(argv))
+    g = cfg.generation
+    assert (g.samples, g.max_new_tokens, g.min_p) == (3, 300, 0.02)  # flag, file, the file's preset
+    assert main([*argv, "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "samples = 3" in out and "# flag" in out.split("samples = 3")[1].splitlines()[0]
+    assert f"# file {f}" in out.split("max_new_tokens = 300")[1].splitlines()[0]
+    assert "# preset max-accuracy" in out.split("min_p = 0.02")[1].splitlines()[0]
+    cfg = config_from_args(build_parser().parse_args([*argv, "--preset", "max-speed"]))
+    assert cfg.batch.max_batch_size == 32  # the flag's preset wins over the file's
+
+
+def test_an_unknown_preset_exits_2(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["stream", "x.jsonl", "--preset", "fastest"])
+    assert e.value.code == 2
+    f = tmp_path / "c.toml"
+    f.write_text('preset = "fastest"\n')
+    (tmp_path / "x.jsonl").write_text("")
+    assert main(["stream", str(tmp_path / "x.jsonl"), "--config", str(f)]) == EXIT_USAGE
+    assert "unknown preset 'fastest'" in capsys.readouterr().err

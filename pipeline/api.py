@@ -56,7 +56,7 @@ def load_backend(cfg: Config) -> Backend:
         return VllmBackend.load(cfg)
     from stages.backends.transformers_backend import TransformersBackend
 
-    return TransformersBackend.load(m.path, device=m.device, dtype=m.dtype)
+    return TransformersBackend.load(m.path, device=m.device, dtype=m.dtype, quantize=m.quantize)
 
 
 class Pipeline:

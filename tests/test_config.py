@@ -28,6 +28,8 @@ def test_defaults_are_valid_and_greedy():
         ("vllm", {"max_num_seqs": 0}, "vllm.max_num_seqs"),
         ("vllm", {"max_model_len": 4}, "vllm.max_model_len"),
         ("vllm", {"cpu_reserved": -1}, "vllm.cpu_reserved"),
+        ("model", {"quantize": "int3"}, "model.quantize"),
+        ("model", {"quantize": "fp16", "dtype": "float32"}, "model.quantize"),
     ],
 )
 def test_invalid_values_name_the_field(section, values, field):

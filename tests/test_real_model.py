@@ -225,3 +225,32 @@ def test_cli_reads_stdin_and_writes_stdout():
     assert sorted((str(r["id"]), r["status"] == "error") for r in rows) == [("None", True), ("s1", False)]
     bad = next(r for r in rows if r["id"] is None)
     assert bad["error"].startswith("line 2: invalid JSON")
+
+
+async def test_int8_on_cpu_really_quantises_the_linear_layers():
+    import torch
+
+    from stages.backends.transformers_backend import TransformersBackend
+
+    b = TransformersBackend.load(None, device="cpu", quantize="int8")
+    try:
+        kinds = {type(m) for m in b.model.modules()}
+        assert torch.nn.Linear not in kinds  # every linear layer was replaced
+        assert torch.ao.nn.quantized.dynamic.Linear in kinds
+        assert b.model_id == "SmolLM2-135M-Instruct|int8|float32"  # a cache key of its own
+        profile = b.memory_profile()
+        assert 0 < profile.weights_bytes < 300 * 2**20  # int8 weights: under half of float32's ~540 MB
+        p = tuple(b.encode([{"role": "user", "content": "What is 2 + 2?"}]))
+        (out,) = await _generate_all(b, [Request("q", p, SamplingParams(max_new_tokens=12))])
+        assert out.new_tokens > 0 and out.text.strip()
+    finally:
+        b.close()
+
+
+def test_a_quantisation_mode_the_device_cannot_do_exits_2(tmp_path: Path):
+    from pipeline import cli
+
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "problem": "1 + 1"}\n')
+    proc = _cli("stream", str(tmp_path / "p.jsonl"), "--quantize", "int4", "--device", "cpu", timeout=120)
+    assert proc.returncode == cli.EXIT_USAGE, proc.stderr
+    assert "--quantize int4 is not available on CPU" in proc.stderr

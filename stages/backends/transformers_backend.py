@@ -68,6 +68,50 @@ def choose_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
+def _quantization_kwargs(quantize: str, device: str) -> dict[str, Any]:
+    """``from_pretrained`` keywords for a quantisation mode on a device.
+
+    Raises:
+        BackendError: the mode is not available there (named, with what would work).
+    """
+    if quantize not in ("int8", "int4"):
+        return {}
+    if device == "cpu":
+        if quantize == "int4":
+            raise BackendError(
+                "--quantize int4 is not available on CPU with the transformers backend; use int8 (torch's "
+                "dynamic quantisation), bf16 where the CPU has bf16 units, or a CUDA device with bitsandbytes"
+            )
+        return {}  # int8 on CPU: quantize_linear_int8 after loading
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BackendError(
+            f"--quantize {quantize} on CUDA needs bitsandbytes: pip install bitsandbytes "
+            "(or use --backend vllm with --quantization / --kv-cache-dtype fp8)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    bnb = (
+        BitsAndBytesConfig(load_in_8bit=True) if quantize == "int8" else BitsAndBytesConfig(load_in_4bit=True)
+    )
+    return {"quantization_config": bnb, "device_map": "cuda"}
+
+
+def quantize_linear_int8(model: Any) -> Any:
+    """torch's dynamic int8 quantisation of every ``nn.Linear`` (CPU): weights stored as int8, activations
+    quantised on the fly. Returns the quantised model."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # torch marks its quantised tensor constructors deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 class _RowState:
     """What the model thread keeps per row of a running batch."""
 
@@ -210,31 +254,45 @@ class TransformersBackend:
         self.scheduler = BatchScheduler(self._run_batch, is_out_of_memory=self.is_out_of_memory)
 
     @classmethod
-    def load(cls, path: str | None, *, device: str = "auto", dtype: str = "auto") -> TransformersBackend:
-        """Load a model (blocking; seconds). ``path`` as in ``resolve_model``.
+    def load(
+        cls, path: str | None, *, device: str = "auto", dtype: str = "auto", quantize: str = "none"
+    ) -> TransformersBackend:
+        """Load a model (blocking; seconds). ``path`` as in ``resolve_model``; ``quantize`` as in
+        ``ModelConfig``.
 
         Raises:
-            BackendError: the model is missing, is not a model, or cannot be loaded.
+            BackendError: the model is missing, is not a model, cannot be loaded, or the quantisation
+                mode is not available on the device (the message says what is).
         """
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         logging.getLogger("transformers").setLevel(logging.ERROR)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        folder, model_id = resolve_model(path)
+        if quantize in ("fp16", "bf16"):
+            dtype = {"fp16": "float16", "bf16": "bfloat16"}[quantize]
         device, dtype = choose_device_dtype(device, dtype)
+        extra = _quantization_kwargs(quantize, device)
+        if quantize in ("int8", "int4") and device == "cpu":
+            dtype = "float32"  # dynamic int8 quantises float32 linear layers
+        folder, model_id = resolve_model(path)
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype))
-            model = model.to(device)  # type: ignore[arg-type]
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype), **extra)
+            if not extra:
+                model = model.to(device)  # type: ignore[arg-type]
             model.eval()
+            if quantize == "int8" and device == "cpu":
+                model = quantize_linear_int8(model)
         except BackendError:
             raise
         except Exception as e:
             raise BackendError(f"cannot load the model from {folder}: {e}") from e
+        if quantize in ("int8", "int4"):
+            model_id = f"{model_id}|{quantize}"
         return cls(model, tokenizer, device=device, dtype=dtype, model_id=model_id)
 
     @property
@@ -370,6 +428,11 @@ class TransformersBackend:
         """Measured weight bytes; KV bytes per token from the config (2 x layers x kv heads x head dim)."""
         weights = sum(t.numel() * t.element_size() for t in self.model.parameters())
         weights += sum(t.numel() * t.element_size() for t in self.model.buffers())
+        for module in self.model.modules():  # int8 linear layers keep packed weights, not parameters
+            packed = getattr(module, "_packed_params", None)
+            if packed is not None and callable(getattr(module, "weight", None)):
+                w = module.weight()
+                weights += w.numel() * w.element_size()
         c = self.model.config
         layers = int(c.num_hidden_layers)
         heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)

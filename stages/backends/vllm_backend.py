@@ -130,8 +130,15 @@ class VllmBackend:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         m = cfg.model
+        if m.quantize in ("int8", "int4"):
+            raise BackendError(
+                f"--quantize {m.quantize} is for the transformers backend; with vLLM use the engine's own "
+                "--quantization METHOD (awq, gptq, fp8, ... with a checkpoint made for it) and "
+                "--kv-cache-dtype fp8"
+            )
         folder, name = resolve_model(m.path)
-        device, dtype = choose_device_dtype(m.device, m.dtype)
+        wanted = {"fp16": "float16", "bf16": "bfloat16"}.get(m.quantize, m.dtype)
+        device, dtype = choose_device_dtype(m.device, wanted)
         try:
             from transformers import AutoConfig, AutoTokenizer
 

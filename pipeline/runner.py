@@ -103,6 +103,7 @@ class Route:
 class _Waiter:
     problem: Problem
     route: Route
+    key: str
 
 
 class Engine:
@@ -199,14 +200,14 @@ class Engine:
             key = cache_key(item.text, self.fingerprint)
             serial = self._by_key.get(key)
             if serial is not None:  # the same problem is already being computed: share it
-                self._waiters[serial].append(_Waiter(item, route))
+                self._waiters[serial].append(_Waiter(item, route, key))
                 return
             # Reserve the key before any await, so an identical problem arriving meanwhile follows this
             # one instead of becoming a second leader.
             self._serial += 1
             serial = self._serial
             self._by_key[key] = serial
-            self._waiters[serial] = [_Waiter(item, route)]
+            self._waiters[serial] = [_Waiter(item, route, key)]
         except BaseException:
             route.outstanding -= 1
             self.slots.release()
@@ -264,9 +265,7 @@ class Engine:
                 self._waiters[serial] = keep
                 continue
             del self._waiters[serial]
-            for key, s in list(self._by_key.items()):
-                if s == serial:
-                    del self._by_key[key]
+            self._release_key(waiters[0].key, serial)
             self.inference.cancel(serial)
             cancelled += 1
         return cancelled

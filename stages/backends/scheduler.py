@@ -29,14 +29,29 @@ from pipeline.batching import MicroBatcher
 from stages.backends.base import BackendError, Completion, Request
 
 
+@dataclass
+class SchedulerStats:
+    """Counters the benchmarks and the summary read."""
+
+    batches: int = 0
+    rows: int = 0
+    padded_tokens: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    busy_s: float = 0.0
+    oom_splits: int = 0
+    aborted: int = 0
+    abort_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+
+
 class Row:
     """One request inside the scheduler. ``run_batch`` reads it from the model thread."""
 
-    __slots__ = ("_event", "aborted", "aborted_at", "dropped_at", "enqueued", "outcome", "request")
+    __slots__ = ("_event", "_stats", "aborted", "aborted_at", "dropped_at", "outcome", "request")
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, stats: SchedulerStats) -> None:
         self.request = request
-        self.enqueued = time.perf_counter()
+        self._stats = stats
         self.aborted = False
         self.aborted_at: float | None = None
         self.dropped_at: float | None = None
@@ -63,28 +78,16 @@ class Row:
         self._set(outcome)
 
     def drop(self) -> None:
-        """Stop working on an aborted row (any thread); records when, for the abort-latency figures."""
+        """Stop working on an aborted row (any thread); counts it and its abort latency at once."""
         if self.dropped_at is None:
             self.dropped_at = time.perf_counter()
+            self._stats.aborted += 1
+            if self.aborted_at is not None:
+                self._stats.abort_latency_s.append(self.dropped_at - self.aborted_at)
 
 
 RunBatch = Callable[[list[Row]], None]
 """Blocking: generate for every row, calling ``row.finish`` per row; drop rows whose ``aborted`` is set."""
-
-
-@dataclass
-class SchedulerStats:
-    """Counters the benchmarks and the summary read."""
-
-    batches: int = 0
-    rows: int = 0
-    padded_tokens: int = 0
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    busy_s: float = 0.0
-    oom_splits: int = 0
-    aborted: int = 0
-    abort_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
 
 
 class BatchScheduler:
@@ -117,7 +120,6 @@ class BatchScheduler:
         self.max_pending = max_pending
         self._send: MemoryObjectSendStream[Row] | None = None
         self._thread = anyio.CapacityLimiter(1)
-        self._serving = False
         self.running: set[Row] = set()
 
     def configure(self, *, max_size: int, max_wait_s: float, max_tokens: int | None) -> None:
@@ -141,7 +143,7 @@ class BatchScheduler:
         send = self._send
         if send is None:
             raise BackendError("the backend is not serving: it was stopped or never started")
-        row = Row(request)
+        row = Row(request, self.stats)
         try:
             await send.send(row)
             await row._event.wait()
@@ -163,15 +165,10 @@ class BatchScheduler:
             self._cap = min(self.max_tokens, self._cap * 2)
             self._last_oom = time.perf_counter()
 
-    def _note_dropped(self, row: Row) -> None:
-        row.drop()
-        self.stats.aborted += 1
-        if row.aborted_at is not None and row.dropped_at is not None:
-            self.stats.abort_latency_s.append(row.dropped_at - row.aborted_at)
-
-    def _drop_if_aborted(self, row: Row) -> bool:
+    @staticmethod
+    def _drop_if_aborted(row: Row) -> bool:
         if row.aborted:
-            self._note_dropped(row)
+            row.drop()
             return True
         return False
 
@@ -255,9 +252,5 @@ class BatchScheduler:
         for r in rows:
             if isinstance(r.outcome, Completion):
                 s.new_tokens += r.outcome.new_tokens
-            elif r.dropped_at is not None and r.outcome is None:
-                if r.aborted_at is not None:
-                    s.aborted += 1
-                    s.abort_latency_s.append(r.dropped_at - r.aborted_at)
-            elif r.outcome is None:
+            elif not r.done:
                 r.finish_here(RuntimeError("the backend returned no completion for this request"))

@@ -131,13 +131,6 @@ class _RowState:
         self.stop_tail = max((len(s) for s in p.stop), default=0) + 4
 
 
-class _NoLogprobs:
-    logprobs = None
-
-
-_NoState: Any = _NoLogprobs()
-
-
 class _PickTokens:
     """Logits processor: chooses each row's next token with that row's own settings.
 
@@ -218,16 +211,16 @@ class _EndRows:
         p = row.request.params
         b = self.backend
         if last in b.eos_ids:
-            return b.completion(input_ids[i, self.width :].tolist(), "eos", state)
+            return b.completion(input_ids[i, self.width :].tolist(), "eos", state.logprobs)
         if p.stop:
             tail_ids = input_ids[i, max(self.width, input_ids.shape[1] - state.stop_tail) :].tolist()
             tail = b.tokenizer.decode(tail_ids, skip_special_tokens=True)
             if any(s in tail for s in p.stop):
-                completion = b.completion(input_ids[i, self.width :].tolist(), "stop", state, p.stop)
+                completion = b.completion(input_ids[i, self.width :].tolist(), "stop", state.logprobs, p.stop)
                 if completion.stop_string is not None:
                     return completion
         if steps >= p.max_new_tokens:
-            return b.completion(input_ids[i, self.width :].tolist(), "length", state)
+            return b.completion(input_ids[i, self.width :].tolist(), "length", state.logprobs)
         return None
 
 
@@ -324,9 +317,9 @@ class TransformersBackend:
         return await self.scheduler.generate(request)
 
     def completion(
-        self, new: list[int], reason: str, state: _RowState, stop: tuple[str, ...] = ()
+        self, new: list[int], reason: str, logprobs: list[float] | None = None, stop: tuple[str, ...] = ()
     ) -> Completion:
-        """A row's completion from its new token ids (called from the model thread).
+        """A row's completion from its new token ids and their log-probs (from the model thread).
 
         ``eos``: the ids end at the first EOS; ``stop``: the text ends before the first stop string
         (``stop_string`` stays ``None`` when none of ``stop`` is in the text).
@@ -336,7 +329,7 @@ class TransformersBackend:
             n = next((i + 1 for i, t in enumerate(new) if t in self.eos_ids), n)
         ids = tuple(new[:n])
         text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
-        lp = tuple(state.logprobs[:n]) if state.logprobs is not None else None
+        lp = tuple(logprobs[:n]) if logprobs is not None else None
         if reason == "stop":
             hits = [(text.find(s), s) for s in stop if s in text]
             if not hits:
@@ -350,14 +343,7 @@ class TransformersBackend:
         import torch
         from transformers import GenerationConfig
 
-        prompts = [r.request.prompt_ids for r in rows]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            if prompt:
-                ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-                mask[i, width - len(prompt) :] = 1
+        ids, mask, width = self._left_pad([r.request.prompt_ids for r in rows])
         states = [_RowState(r, self.device) for r in rows]
         settings = GenerationConfig(
             max_new_tokens=max(r.request.params.max_new_tokens for r in rows),
@@ -385,7 +371,8 @@ class TransformersBackend:
         for i, (row, state) in enumerate(zip(rows, states, strict=True)):
             if not state.finished and not row.aborted:
                 state.finished = True
-                row.finish(self.completion(new[i][: row.request.params.max_new_tokens], "length", state))
+                limit = row.request.params.max_new_tokens
+                row.finish(self.completion(new[i][:limit], "length", state.logprobs))
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[Completion]:
         """Blocking, greedy: one plain left-padded ``model.generate`` over ``prompts``, no scheduler.
@@ -394,12 +381,7 @@ class TransformersBackend:
         """
         import torch
 
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-            mask[i, width - len(prompt) :] = 1
+        ids, mask, width = self._left_pad(prompts)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids.to(self.device),
@@ -410,11 +392,20 @@ class TransformersBackend:
                 eos_token_id=sorted(self.eos_ids),
             )
         rows = out[:, width:].tolist()
-        done = [
-            self.completion(r, "eos" if any(t in self.eos_ids for t in r) else "length", _NoState)
-            for r in rows
-        ]
-        return done
+        return [self.completion(r, "eos" if any(t in self.eos_ids for t in r) else "length") for r in rows]
+
+    def _left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[Any, Any, int]:
+        """Input ids and attention mask, prompts right-aligned with the pad id on their left; the width."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            if prompt:
+                ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+                mask[i, width - len(prompt) :] = 1
+        return ids, mask, width
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """CUDA out-of-memory, or the CPU allocator failing."""

@@ -27,7 +27,7 @@ from pipeline.cache import ResultCache
 from pipeline.config import Config
 from pipeline.items import Problem, Result
 from pipeline.runner import Engine, Route, RunStats
-from stages.backends.base import Backend
+from stages.backends.base import Backend, BackendError
 from stages.parse import RecordConverter
 from stages.verification import Verification
 
@@ -50,6 +50,12 @@ def load_backend(cfg: Config) -> Backend:
         BackendError: the model is missing or cannot be loaded; the message says what to do.
     """
     m = cfg.model
+    if m.backend == "replay":
+        from stages.backends.replay import ReplayBackend
+
+        if m.replay is None:
+            raise BackendError("the replay backend needs a file: --replay FILE.jsonl")
+        return ReplayBackend.load(m.replay)
     if m.backend == "vllm":
         from stages.backends.vllm_backend import VllmBackend
 
@@ -75,6 +81,7 @@ class Pipeline:
         self._feeders: list[anyio.CancelScope] = []
         self._stats: RunStats | None = None
         self.memory_plan: MemoryPlan | None = None
+        self._recorder: Any = None
 
     @property
     def backend(self) -> Backend:
@@ -174,6 +181,15 @@ class Pipeline:
                 self._backend.close()
                 self._backend = None
             raise
+        if cfg.model.record is not None:
+            from stages.backends.replay import RecordingBackend
+
+            try:
+                backend = self._recorder = RecordingBackend(backend, cfg.model.record)
+            except BackendError as e:
+                await verification.aclose()
+                cache.close()
+                raise PipelineError(str(e)) from e
         self._engine = Engine(cfg, backend, cache, verification)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
@@ -215,6 +231,9 @@ class Pipeline:
             if engine is not None:
                 await engine.verification.aclose()
                 engine.cache.close()
+            if self._recorder is not None:
+                self._recorder.close_file()
+                self._recorder = None
             if self._own_backend and self._backend is not None:
                 self._backend.close()
                 self._backend = None

@@ -1,4 +1,4 @@
-"""The memory budget: how many tokens a batch may hold.
+"""The budgets: how many tokens a batch may hold (memory), and each problem's share of the run's time.
 
 After the model loads, its weights are measured; the KV cache costs
 ``2 x layers x kv_heads x head_dim x dtype bytes`` per token; the batch token cap is what fits in the
@@ -8,6 +8,9 @@ capped by the host memory actually available.
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -65,3 +68,86 @@ def plan_memory(
         kv_bytes_per_token=profile.kv_bytes_per_token,
         max_batch_tokens=max(floor_tokens, tokens),
     )
+
+
+@dataclass(frozen=True)
+class TimePlan:
+    """One problem's share of the run's time: its deadline (a ``time.perf_counter()`` value, ``None``
+    for none) and how many samples it gets."""
+
+    deadline: float | None
+    samples: int
+    share_s: float | None = None
+
+
+class TimePlanner:
+    """Spreads a run's time budget over its problems as they start (see ``TimeConfig``).
+
+    ``plan()`` is called when a problem's samples start: the time left (minus the margin) spread over
+    the problems still to come in waves of ``parallel``, kept between the base and the ceiling; time a
+    problem leaves unused is simply still there for the next ``plan()``. The samples follow the share
+    against the even split of the whole budget.
+    """
+
+    def __init__(
+        self,
+        *,
+        budget_s: float | None,
+        expected: int | None,
+        parallel: int,
+        samples: int,
+        greedy: bool,
+        base_s: float = 0.0,
+        ceiling_s: float | None = None,
+        margin_s: float = 1.0,
+        min_samples: int = 1,
+        max_samples: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.budget_s = budget_s
+        self.expected = expected
+        self.parallel = max(1, parallel)
+        self.samples = samples
+        self.greedy = greedy
+        self.base_s = base_s
+        self.ceiling_s = ceiling_s
+        self.margin_s = margin_s
+        self.min_samples = min(min_samples, samples)
+        self.max_samples = max_samples if max_samples is not None else 2 * samples
+        self.clock = clock
+        self.started = clock()
+        self.end = self.started + budget_s if budget_s is not None else None
+        self.planned = 0
+
+    def spent(self) -> bool:
+        """True once the budget (less its margin) is used up: new problems get the fallback at once."""
+        return self.end is not None and self.clock() >= self.end - self.margin_s
+
+    def left_s(self) -> float | None:
+        """Seconds left before the run's end less the margin (``None`` without a budget)."""
+        if self.end is None:
+            return None
+        return max(0.0, self.end - self.margin_s - self.clock())
+
+    def plan(self) -> TimePlan:
+        """The share of the next problem to start."""
+        now = self.clock()
+        self.planned += 1
+        ceiling = self.ceiling_s if self.ceiling_s is not None else math.inf
+        if self.end is None:
+            deadline = now + ceiling if self.ceiling_s is not None else None
+            return TimePlan(deadline, self.samples, self.ceiling_s)
+        left = max(0.0, self.end - self.margin_s - now)
+        if self.expected is None:  # a stream of unknown length: the ceiling, within what is left
+            share = min(ceiling, left)
+            return TimePlan(now + share, self.samples, share)
+        to_come = max(1, self.expected - self.planned + 1)
+        fair = left / math.ceil(to_come / self.parallel)
+        share = min(max(min(fair, ceiling), min(self.base_s, left)), left)
+        samples = self.samples
+        assert self.budget_s is not None
+        even = self.budget_s / math.ceil(self.expected / self.parallel)
+        if not self.greedy and even > 0:
+            wanted = round(self.samples * min(fair, ceiling) / even)
+            samples = max(self.min_samples, min(self.max_samples, wanted))
+        return TimePlan(now + share, samples, share)

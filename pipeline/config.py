@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-PromptStyle = Literal["cot"]
-BackendName = Literal["transformers", "vllm"]
+PromptStyle = Literal["cot", "tir"]
+BackendName = Literal["transformers", "vllm", "replay"]
 Quantize = Literal["none", "fp16", "bf16", "int8", "int4"]
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -48,7 +48,9 @@ class ModelConfig:
     ``vllm`` extra; settings in ``[vllm]``). ``quantize``: ``fp16``/``bf16`` load the weights in that
     dtype; ``int8`` is torch's dynamic quantisation of the linear layers on CPU, or bitsandbytes 8-bit
     on CUDA (where installed); ``int4`` is bitsandbytes 4-bit on CUDA. A mode the device or backend
-    cannot do is refused when the model loads, naming what would work.
+    cannot do is refused when the model loads, naming what would work. ``replay`` is the file of
+    recorded completions the ``replay`` backend answers from; ``record`` a file every completion the
+    model returns is written to, in that format.
     """
 
     path: str | None = None
@@ -57,6 +59,8 @@ class ModelConfig:
     memory_gb: float = 16.0
     backend: BackendName = "transformers"
     quantize: Quantize = "none"
+    replay: str | None = None
+    record: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.device in ("auto", "cpu", "cuda"), "model.device", "must be auto, cpu or cuda")
@@ -66,7 +70,16 @@ class ModelConfig:
             "must be auto, float32, bfloat16 or float16",
         )
         _check(self.memory_gb > 0, "model.memory_gb", "must be positive")
-        _check(self.backend in ("transformers", "vllm"), "model.backend", "must be transformers or vllm")
+        _check(
+            self.backend in ("transformers", "vllm", "replay"),
+            "model.backend",
+            "must be transformers, vllm or replay",
+        )
+        _check(
+            self.backend != "replay" or self.replay is not None,
+            "model.replay",
+            "the replay backend needs a file of recorded completions (--replay FILE.jsonl)",
+        )
         _check(
             self.quantize in ("none", "fp16", "bf16", "int8", "int4"),
             "model.quantize",
@@ -86,7 +99,15 @@ class GenerationConfig:
     """How samples are drawn. ``samples == 1`` means greedy decoding; more are sampled with
     ``temperature``, ``top_p`` and ``min_p`` (a token is kept when its probability is at least
     ``min_p`` times the most likely token's), each sample seeded from ``seed``, the problem and the
-    sample's index."""
+    sample's index.
+
+    ``prompt_style``: ``cot`` (reason, then ``\\boxed{}``) or ``tir`` (tool-integrated reasoning: the
+    model may write fenced Python, which runs in the sandbox; its output is appended and the sample
+    goes on, for up to ``max_rounds`` rounds, all within ``max_new_tokens``). ``system_prompt``
+    ``None`` is the style's own. ``stop_at_answer`` ends a sample as soon as it has written a closing
+    ``\\boxed{...}`` outside a code block. ``logprobs`` asks the backend for token log-probabilities
+    (``vote.confidence`` turns it on).
+    """
 
     samples: int = 1
     temperature: float = 0.7
@@ -95,7 +116,10 @@ class GenerationConfig:
     max_new_tokens: int = 384
     seed: int = 0
     prompt_style: PromptStyle = "cot"
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str | None = None
+    max_rounds: int = 8
+    logprobs: bool = False
+    stop_at_answer: bool = True
 
     def __post_init__(self) -> None:
         _check(self.samples >= 1, "generation.samples", "must be at least 1")
@@ -103,7 +127,8 @@ class GenerationConfig:
         _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
         _check(0 <= self.min_p < 1, "generation.min_p", "must be in [0, 1)")
         _check(self.max_new_tokens >= 1, "generation.max_new_tokens", "must be at least 1")
-        _check(self.prompt_style == "cot", "generation.prompt_style", "must be cot")
+        _check(self.prompt_style in ("cot", "tir"), "generation.prompt_style", "must be cot or tir")
+        _check(self.max_rounds >= 1, "generation.max_rounds", "must be at least 1")
 
     @property
     def greedy(self) -> bool:
@@ -168,7 +193,9 @@ class RunConfig:
     most that many tokens (prompt + ``max_new_tokens`` per request; a request larger than the cap
     still runs alone). ``problem_timeout_s`` caps each problem from admission: its unfinished samples
     are cancelled and the vote is taken on what finished (a fallback answer when nothing did).
-    ``verify_workers`` is the number of verification worker processes.
+    ``verify_workers`` is the number of verification worker processes. ``queue_size`` sets every
+    stream between stages to that many items (``None``: sized from ``max_in_flight`` so each can hold
+    all admitted work); any size works, 1 included, since admission, not queue room, bounds the work.
     """
 
     max_in_flight: int = 64
@@ -177,9 +204,11 @@ class RunConfig:
     verify_workers: int = 2
     verify_batch: int = 64
     verify_timeout_s: float = 60.0
+    queue_size: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_in_flight >= 1, "run.max_in_flight", "must be at least 1")
+        _check(self.queue_size is None or self.queue_size >= 1, "run.queue_size", "must be at least 1")
         _check(
             self.problem_timeout_s is None or self.problem_timeout_s > 0,
             "run.problem_timeout_s",
@@ -226,6 +255,91 @@ class VllmConfig:
         _check(self.cpu_reserved is None or self.cpu_reserved >= 0, "vllm.cpu_reserved", "must be >= 0")
 
 
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Limits for model-written code (``prompt_style = "tir"``).
+
+    ``cell_timeout_s`` is the wall-clock limit per cell (enforced by the parent); ``memory_mb`` the
+    interpreter's address space; ``file_mb`` the largest file it may write; ``output_chars`` how much
+    of a cell's output the model sees. ``pool_size`` is how many interpreters are kept alive (warm
+    ones waiting, plus one per sample that has run code); ``None`` is twice ``generation.samples``,
+    at least 2, as in the AIMO recipe (8 samples, 16 interpreters).
+    """
+
+    cell_timeout_s: float = 10.0
+    memory_mb: int = 2048
+    file_mb: int = 16
+    output_chars: int = 1000
+    pool_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.cell_timeout_s > 0, "sandbox.cell_timeout_s", "must be positive")
+        _check(self.memory_mb >= 256, "sandbox.memory_mb", "must be at least 256 (numpy and sympy need it)")
+        _check(self.file_mb >= 0, "sandbox.file_mb", "must be >= 0")
+        _check(self.output_chars >= 16, "sandbox.output_chars", "must be at least 16")
+        _check(self.pool_size is None or self.pool_size >= 1, "sandbox.pool_size", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class VoteConfig:
+    """How a problem's samples are combined.
+
+    Each valid answer counts with its sample's weight: ``code_weight`` for a sample that ran code and
+    every cell ran cleanly, 1 for the rest; with ``confidence``, times the sample's confidence,
+    1 / (mean surprisal of its tokens + 0.1), where the mean surprisal (minus the mean log-probability
+    of the tokens it drew) is a sampled estimate of its mean token entropy. The highest total wins;
+    ties go to the answer with more samples, then to the one whose first sample has the lowest index.
+    ``early_stop`` ends a problem once that many samples agree; a problem also ends once the leader
+    cannot be overtaken by the samples still running. Its other samples are cancelled.
+    """
+
+    code_weight: float = 2.0
+    confidence: bool = False
+    early_stop: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.code_weight > 0, "vote.code_weight", "must be positive")
+        _check(self.early_stop is None or self.early_stop >= 1, "vote.early_stop", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class TimeConfig:
+    """The run's time budget (``budget_s``; ``None``: no budget).
+
+    Each problem, when its samples start, gets a share of what is left: the time left spread over the
+    problems still to come (``expected_problems``, counted from the input file by the CLI), in waves
+    of ``run.max_in_flight``, kept between ``base_s`` and ``run.problem_timeout_s`` (the ceiling) and
+    never past the run's end minus ``margin_s``; time a problem does not use goes back to the pool.
+    When the share is below the even split the problem gets fewer samples (down to ``min_samples``),
+    above it more (up to ``max_samples``; ``None`` is twice ``generation.samples``); greedy runs keep
+    one sample. Once the budget is spent, problems not yet started are answered at once with
+    ``answer.fallback`` (status ``fallback``).
+    """
+
+    budget_s: float | None = None
+    base_s: float = 0.0
+    expected_problems: int | None = None
+    margin_s: float = 1.0
+    min_samples: int = 1
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.budget_s is None or self.budget_s > 0, "time.budget_s", "must be positive")
+        _check(self.base_s >= 0, "time.base_s", "must be >= 0")
+        _check(
+            self.expected_problems is None or self.expected_problems >= 1,
+            "time.expected_problems",
+            "must be at least 1",
+        )
+        _check(self.margin_s >= 0, "time.margin_s", "must be >= 0")
+        _check(self.min_samples >= 1, "time.min_samples", "must be at least 1")
+        _check(
+            self.max_samples is None or self.max_samples >= self.min_samples,
+            "time.max_samples",
+            "must be at least time.min_samples",
+        )
+
+
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "generation": GenerationConfig,
@@ -234,6 +348,9 @@ _SECTIONS: dict[str, type] = {
     "cache": CacheConfig,
     "run": RunConfig,
     "vllm": VllmConfig,
+    "sandbox": SandboxConfig,
+    "vote": VoteConfig,
+    "time": TimeConfig,
 }
 
 
@@ -248,6 +365,9 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     run: RunConfig = field(default_factory=RunConfig)
     vllm: VllmConfig = field(default_factory=VllmConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    vote: VoteConfig = field(default_factory=VoteConfig)
+    time: TimeConfig = field(default_factory=TimeConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
@@ -335,7 +455,12 @@ class Config:
             "model": model_id,
             "generation": dataclasses.asdict(self.generation),
             "answer": dataclasses.asdict(self.answer),
+            "vote": dataclasses.asdict(self.vote),
         }
+        if self.generation.prompt_style == "tir":  # the sandbox's limits change what code can print
+            payload["sandbox"] = {
+                k: v for k, v in dataclasses.asdict(self.sandbox).items() if k != "pool_size"
+            }
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -72,7 +72,10 @@ class Generation:
 
     ``finish_reason`` is the backend's (``eos``, ``length``, ``stop``, ``aborted``); ``error`` is set
     when the model failed for this sample (the sample's failure, not the run's). ``queue_s`` is how long
-    the sample waited for a request slot, ``inference_s`` how long its request took.
+    the sample waited for a request slot, ``inference_s`` how long its request took. ``of`` is how
+    many samples its problem has; ``rounds`` how many requests the sample made (one per round of tool
+    use), ``cells`` how many code cells it ran and ``clean_cells`` how many of them raised nothing;
+    ``cell_errors`` the last line of each failed cell's error.
     """
 
     encoded: Encoded
@@ -84,6 +87,16 @@ class Generation:
     error: str | None = None
     finish_reason: str = "eos"
     logprobs: tuple[float, ...] | None = field(default=None, repr=False)
+    of: int = 1
+    rounds: int = 1
+    cells: int = 0
+    clean_cells: int = 0
+    cell_errors: tuple[str, ...] = ()
+
+    @property
+    def clean_code(self) -> bool:
+        """True when the sample ran code and every cell ran without an error."""
+        return self.cells > 0 and self.clean_cells == self.cells
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,12 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Result:
-    """The one output for one input: an answer, or an error with a reason a person understands."""
+    """The one output for one input: an answer, or an error with a reason a person understands.
+
+    ``early_stop`` is set when the vote was decided before every sample finished (the rest were
+    cancelled); ``cells`` counts the code cells its samples ran in the sandbox, ``code_errors`` says
+    how the failed ones failed (``sample N: ...``, at most ten).
+    """
 
     id: str | None
     answer: int | None
@@ -116,6 +134,9 @@ class Result:
     key: str | None = field(default=None, compare=False, repr=False)
     serial: int | None = field(default=None, compare=False, repr=False)
     duplicate: bool = False
+    early_stop: bool = False
+    cells: int = 0
+    code_errors: tuple[str, ...] = ()
 
     @property
     def correct(self) -> bool | None:
@@ -144,6 +165,12 @@ class Result:
             out["correct"] = self.correct
         if self.duplicate:
             out["duplicate"] = True
+        if self.early_stop:
+            out["early_stop"] = True
+        if self.cells:
+            out["cells"] = self.cells
+        if self.code_errors:
+            out["code_errors"] = list(self.code_errors)
         return out
 
 

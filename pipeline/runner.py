@@ -26,13 +26,15 @@ import structlog
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 
+from pipeline.budget import TimePlanner
 from pipeline.cache import ResultCache, cache_key
 from pipeline.config import Config
 from pipeline.items import Candidate, Encoded, Generation, Job, Problem, Result, error_result
-from stages import extraction, tokenization
+from stages import tokenization, vote
 from stages.backends.base import Backend
 from stages.inference import Inference
 from stages.parse import RecordConverter
+from stages.sandbox import Sandbox
 from stages.verification import Verification
 
 
@@ -116,15 +118,40 @@ class Engine:
         self.backend = backend
         self.cache = cache
         self.fingerprint = cfg.fingerprint(backend.model_id)
-        self.inference = Inference(backend, cfg, wanted=lambda serial: serial in self._waiters)
+        self.sandbox: Sandbox | None = None
+        if cfg.generation.prompt_style == "tir":
+            size = cfg.sandbox.pool_size or max(2, 2 * cfg.generation.samples)
+            self.sandbox = Sandbox(cfg.sandbox, size, max_cells=cfg.generation.max_rounds)
+        self.planner: TimePlanner | None = None
+        if cfg.time.budget_s is not None:
+            t = cfg.time
+            self.planner = TimePlanner(
+                budget_s=t.budget_s,
+                expected=t.expected_problems,
+                parallel=cfg.run.max_in_flight,
+                samples=cfg.generation.samples,
+                greedy=cfg.generation.greedy,
+                base_s=t.base_s,
+                ceiling_s=cfg.run.problem_timeout_s,
+                margin_s=t.margin_s,
+                min_samples=t.min_samples,
+                max_samples=t.max_samples,
+            )
+        self.inference = Inference(
+            backend,
+            cfg,
+            wanted=lambda serial: serial in self._waiters,
+            sandbox=self.sandbox,
+            planner=self.planner,
+        )
         self.verification = verification or Verification(cfg)
         self.slots = anyio.Semaphore(cfg.run.max_in_flight)
         self.stats = RunStats()
         self._serial = 0
         self._waiters: dict[int, list[_Waiter]] = {}
         self._by_key: dict[str, int] = {}
-        cap = cfg.run.max_in_flight
-        rows = cap * cfg.generation.samples
+        cap = cfg.run.queue_size or cfg.run.max_in_flight
+        rows = cfg.run.queue_size or cfg.run.max_in_flight * cfg.generation.samples
         self._jobs_send, self._jobs_receive = anyio.create_memory_object_stream[Job](cap)
         self._encoded = anyio.create_memory_object_stream[Encoded | Result](cap)
         self._generations = anyio.create_memory_object_stream[Generation | Result](rows)
@@ -148,6 +175,8 @@ class Engine:
             except BaseException:
                 self._close_streams()  # the stages never started: nothing else will close them
                 raise
+            if self.sandbox is not None:
+                await outer.start(self.sandbox.serve)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(tokenization.run, self._jobs_receive, enc_send, self.backend, self.cfg)
                 tg.start_soon(self.inference.run, enc_receive, gen_send)
@@ -155,7 +184,7 @@ class Engine:
                     tg.start_soon(self.verification.run, gen_receive.clone(), cand_send.clone())
                 gen_receive.close()
                 cand_send.close()
-                tg.start_soon(extraction.run, cand_receive, res_send, self.cfg)
+                tg.start_soon(vote.run, cand_receive, res_send, self.cfg, self.inference.cancel)
                 tg.start_soon(self._route_results, res_receive)
                 task_status.started()
             outer.cancel_scope.cancel()
@@ -194,8 +223,11 @@ class Engine:
             if isinstance(item, Result):
                 await self._deliver(item, route)
                 return
+            if self.planner is not None and self.planner.spent():
+                await self._deliver(self._out_of_time(item), route)
+                return
             timeout = self.cfg.run.problem_timeout_s
-            if timeout is not None and item.deadline is None:
+            if timeout is not None and item.deadline is None and self.planner is None:
                 item = replace(item, deadline=time.perf_counter() + timeout)
             key = cache_key(item.text, self.fingerprint)
             serial = self._by_key.get(key)
@@ -227,6 +259,17 @@ class Engine:
                 await self._deliver(
                     replace(hit, id=w.problem.id, line=w.problem.line, gold=w.problem.answer), w.route
                 )
+
+    def _out_of_time(self, p: Problem) -> Result:
+        budget = self.cfg.time.budget_s
+        return Result(
+            id=p.id,
+            answer=self.cfg.answer.fallback,
+            status="fallback" if self.cfg.answer.fallback is not None else "error",
+            error=f"the time budget ({budget:g} s) was spent before this problem started",
+            line=p.line,
+            gold=p.answer,
+        )
 
     async def _not_submitted(self, item: Problem, key: str, serial: int) -> None:
         """The leader's feeder was cancelled before its job was submitted. Followers from other streams

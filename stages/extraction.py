@@ -1,8 +1,7 @@
-"""Answer extraction and the vote.
+"""Answer extraction: from a model's text to a checked integer.
 
-The text functions (``extract_answer``, ``to_integer``, ``check_answer``) are pure and cheap to import:
-the verification worker processes call them. The async ``run`` is the extraction stage: it gathers the
-candidates of each problem, takes the majority vote, and emits one ``Result`` per problem.
+Pure text functions (``extract_answer``, ``to_integer``, ``check_answer``), cheap to import: the
+verification worker processes call them. The vote over a problem's answers is ``stages/vote.py``.
 
 Extraction order: the last ``\\boxed{...}`` (nested braces allowed), then "the final answer is ...",
 then the last number in the text. Normalisation turns "1,000", "12.0", "$5$", "\\frac{8}{2}" and other
@@ -12,14 +11,7 @@ LaTeX that ``math-verify`` understands into integers.
 from __future__ import annotations
 
 import re
-import time
-from collections import Counter
 from typing import Any
-
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-
-from pipeline.config import Config
-from pipeline.items import Candidate, Result
 
 TIME_LIMIT = "time limit reached"
 """The error of a sample cut off by its problem's deadline (``Problem.deadline``)."""
@@ -141,83 +133,3 @@ def check_answer(
     if not lo <= value <= hi:
         return None, extracted, f"answer {value} is outside the range {lo}-{hi}"
     return value, extracted, None
-
-
-def vote(candidates: list[Candidate]) -> tuple[int | None, dict[int, int]]:
-    """Majority vote over valid answers; a tie goes to the answer first seen (lowest sample index)."""
-    ordered = sorted(candidates, key=lambda c: c.generation.index)
-    counts: Counter[int] = Counter(c.answer for c in ordered if c.answer is not None)
-    if not counts:
-        return None, {}
-    best = max(counts.values())
-    winner = next(c.answer for c in ordered if c.answer is not None and counts[c.answer] == best)
-    return winner, dict(counts.most_common())
-
-
-def build_result(candidates: list[Candidate], cfg: Config) -> Result:
-    """The one ``Result`` for a problem from all its candidates."""
-    gen0 = candidates[0].generation
-    encoded = gen0.encoded
-    problem = encoded.problem
-    answer, votes = vote(candidates)
-    timings = {
-        "tokenize": encoded.tokenize_s,
-        "queue": max(c.generation.queue_s for c in candidates),
-        "inference": max(c.generation.inference_s for c in candidates),
-        "verify": max(c.verify_s for c in candidates),
-        "total": time.perf_counter() - problem.submitted,
-    }
-    common: dict[str, Any] = {
-        "id": problem.id,
-        "line": problem.line,
-        "gold": problem.answer,
-        "votes": votes,
-        "samples": len(candidates),
-        "prompt_tokens": encoded.prompt_tokens,
-        "new_tokens": sum(c.generation.new_tokens for c in candidates),
-        "timings": timings,
-        "finish": dict(Counter(c.generation.finish_reason for c in candidates)),
-        "key": encoded.job.key,
-        "serial": encoded.job.serial,
-    }
-    if answer is not None:
-        return Result(answer=answer, status="ok", **common)
-    failed = [c for c in candidates if c.generation.error is not None]
-    if failed and all(c.generation.error == TIME_LIMIT for c in failed) and len(failed) == len(candidates):
-        return Result(
-            answer=cfg.answer.fallback,
-            status="fallback",
-            error=f"time limit reached before any of {len(candidates)} samples finished",
-            **common,
-        )
-    if len(failed) == len(candidates):
-        return Result(
-            answer=None, status="error", error=f"generation failed: {failed[0].generation.error}", **common
-        )
-    reasons = "; ".join(sorted({c.reason or "no answer" for c in candidates}))
-    return Result(
-        answer=cfg.answer.fallback,
-        status="fallback",
-        error=f"no sample gave a valid answer ({reasons})",
-        **common,
-    )
-
-
-async def run(
-    receive: MemoryObjectReceiveStream[Candidate | Result],
-    send: MemoryObjectSendStream[Result],
-    cfg: Config,
-) -> None:
-    """Gather each problem's candidates and send its ``Result`` once all samples are in."""
-    groups: dict[int, list[Candidate]] = {}
-    async with receive, send:
-        async for item in receive:
-            if isinstance(item, Result):
-                await send.send(item)
-                continue
-            serial = item.generation.encoded.job.serial
-            group = groups.setdefault(serial, [])
-            group.append(item)
-            if len(group) >= cfg.generation.samples:
-                del groups[serial]
-                await send.send(build_result(group, cfg))

@@ -5,9 +5,20 @@ group, so completions leave in completion order, not batch order. How many reque
 tokens) are in the backend at once is bounded here: when the bound is reached the stage stops taking
 problems, and that block travels upstream as backpressure. Batching is the backend's business.
 
-A problem's samples can be cancelled together (``cancel(serial)``: the caller went away, or, later, an
-early-stopping vote): cancelling a request's task aborts it in the engine. A cancelled sample still
-travels on as a ``Generation`` with ``finish_reason="aborted"``, so downstream counts stay whole.
+A sample may take several rounds (prompt style ``tir``): a round that stops at the end of a code
+block has its code run in the sandbox (``stages/sandbox.py``, one interpreter per sample), the output
+is appended, and the same task sends the next round's request, until the sample ends, runs out of
+rounds or tokens, or reaches the model's context. The feedback edge of the design (verification back
+to inference) lives inside the sample's task: it holds its request slot for all its rounds, so no
+queue lies on a cycle and nothing can deadlock, whatever the stream sizes.
+
+A problem's samples can be cancelled together (``cancel(serial)``: the caller went away, or an
+early-stopping vote decided): cancelling a sample's task aborts its request in the engine or kills its
+running cell, wherever it is; a sample not yet submitted is not. A cancelled sample still travels on as
+a ``Generation`` with ``finish_reason="aborted"``, so downstream counts stay whole.
+
+With a time budget (``pipeline.budget.TimePlanner``) each problem gets its deadline and its number of
+samples when its samples start.
 """
 
 from __future__ import annotations
@@ -15,15 +26,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from pipeline.budget import TimePlanner
 from pipeline.config import Config
 from pipeline.items import Encoded, Generation, Result
-from stages.backends.base import Backend, Completion, Request, SamplingParams, sample_seed
+from stages.backends.base import Backend, Request, SamplingParams, sample_seed
 from stages.extraction import TIME_LIMIT
+from stages.prompting import style_for
+from stages.sandbox import Sandbox, SandboxError
 
 
 class InferenceStats:
@@ -38,6 +53,8 @@ class InferenceStats:
         self.new_tokens = 0
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.rounds = 0
+        self.skipped = 0
 
 
 class TokenGate:
@@ -65,24 +82,52 @@ class TokenGate:
         self._changed = anyio.Event()
 
 
+@dataclass
+class _Outcome:
+    """A sample's rounds, put together."""
+
+    text: str = ""
+    new_tokens: int = 0
+    finish: str = "eos"
+    rounds: int = 0
+    cells: int = 0
+    clean: int = 0
+    logprobs: list[float] | None = None
+    errors: list[str] = field(default_factory=list)
+
+
 class Inference:
     """The stage's state: the request and token bounds, per-problem cancel scopes, counters.
 
     ``wanted(serial)`` says whether anyone still waits for a problem; one nobody wants is skipped.
+    ``sandbox`` runs code cells (required for the ``tir`` style); ``planner`` gives each problem its
+    deadline and samples under a time budget.
     """
 
-    def __init__(self, backend: Backend, cfg: Config, wanted: Callable[[int], bool] | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        cfg: Config,
+        wanted: Callable[[int], bool] | None = None,
+        *,
+        sandbox: Sandbox | None = None,
+        planner: TimePlanner | None = None,
+    ) -> None:
         self.backend = backend
         self.cfg = cfg
         self.wanted = wanted or (lambda _: True)
+        self.style = style_for(cfg.generation.prompt_style)
+        self.sandbox = sandbox
+        self.planner = planner
         self.max_requests = cfg.run.max_in_flight * cfg.generation.samples
         self._requests = anyio.Semaphore(self.max_requests)
         self._tokens = TokenGate(cfg.run.max_tokens_in_flight)
         self._scopes: dict[int, list[anyio.CancelScope]] = {}
         self.stats = InferenceStats()
 
-    def params(self, encoded: Encoded, index: int) -> SamplingParams:
-        """The sampling settings of sample ``index``; its seed depends on the problem and the index only."""
+    def params(self, encoded: Encoded, index: int, round_: int = 0) -> SamplingParams:
+        """The sampling settings of sample ``index``'s round ``round_``; its seed depends on the
+        problem, the index and the round only."""
         g = self.cfg.generation
         return SamplingParams(
             max_new_tokens=g.max_new_tokens,
@@ -90,11 +135,15 @@ class Inference:
             temperature=g.temperature,
             top_p=g.top_p,
             min_p=g.min_p,
-            seed=sample_seed(g.seed, encoded.job.key, index),
+            seed=sample_seed(g.seed, encoded.job.key, index, round_),
+            stop=self.style.stop,
+            logprobs=g.logprobs or self.cfg.vote.confidence,
+            stop_at_answer=g.stop_at_answer,
         )
 
     def cancel(self, serial: int) -> None:
-        """Abort every running sample of problem ``serial`` (each still sends an aborted Generation)."""
+        """Abort every sample of problem ``serial`` wherever it is (each still sends an aborted
+        Generation)."""
         for scope in self._scopes.get(serial, []):
             scope.cancel()
 
@@ -103,7 +152,7 @@ class Inference:
         receive: MemoryObjectReceiveStream[Encoded | Result],
         send: MemoryObjectSendStream[Generation | Result],
     ) -> None:
-        """Submit every sample of every problem as a request; send each ``Generation`` as it completes."""
+        """Submit every sample of every problem; send each ``Generation`` as its sample completes."""
         async with receive, send, anyio.create_task_group() as tg:
             async for item in receive:
                 if isinstance(item, Result):
@@ -114,6 +163,11 @@ class Inference:
                     continue
                 samples = self.cfg.generation.samples
                 deadline = item.problem.deadline
+                if self.planner is not None:
+                    plan = self.planner.plan()
+                    samples = plan.samples
+                    if plan.deadline is not None:
+                        deadline = plan.deadline if deadline is None else min(deadline, plan.deadline)
                 at = math.inf
                 if deadline is not None:  # perf_counter time to the event loop's clock
                     at = anyio.current_time() + (deadline - time.perf_counter())
@@ -121,7 +175,7 @@ class Inference:
                 self._scopes[serial] = scopes
                 live = [samples]
                 for index, scope in enumerate(scopes):
-                    await self._submit(tg, item, index, scope, live, send)
+                    await self._submit(tg, item, index, scope, live, send, samples)
 
     async def _submit(
         self,
@@ -131,76 +185,160 @@ class Inference:
         scope: anyio.CancelScope,
         live: list[int],
         send: MemoryObjectSendStream[Generation | Result],
+        samples: int,
     ) -> None:
         waited = time.perf_counter()
-        params = self.params(encoded, index)
-        tokens = encoded.prompt_tokens + params.max_new_tokens
-        await self._requests.acquire()
+        tokens = encoded.prompt_tokens + self.cfg.generation.max_new_tokens
+        if not scope.cancel_called:  # a decided or abandoned problem's later samples take no slot
+            with anyio.move_on_after(max(0.0, scope.deadline - anyio.current_time())):
+                await self._requests.acquire()
+                try:
+                    await self._tokens.acquire(tokens)
+                except BaseException:
+                    self._requests.release()
+                    raise
+                queue_s = time.perf_counter() - waited
+                tg.start_soon(self._sample, encoded, index, scope, live, send, queue_s, tokens, samples)
+                return
+        # never started: cancelled, or its deadline passed while it waited for a slot
+        self.stats.skipped += 1
+        self._done(encoded.job.serial, live)
+        timed_out = not scope.cancel_called
+        await send.send(
+            Generation(
+                encoded=encoded,
+                index=index,
+                text="",
+                new_tokens=0,
+                queue_s=time.perf_counter() - waited,
+                error=TIME_LIMIT if timed_out else "cancelled",
+                finish_reason="aborted",
+                of=samples,
+                rounds=0,
+            )
+        )
+
+    def _done(self, serial: int, live: list[int]) -> None:
+        live[0] -= 1
+        if live[0] == 0:
+            self._scopes.pop(serial, None)
+
+    async def _rounds(self, encoded: Encoded, index: int, out: _Outcome) -> None:
+        """Run sample ``index`` round by round into ``out`` (kept whole if cancelled midway)."""
+        g = self.cfg.generation
+        backend = self.backend
+        style = self.style
+        session = self.sandbox.session() if self.sandbox is not None and style.stop else None
         try:
-            await self._tokens.acquire(tokens)
-        except BaseException:
-            self._requests.release()
-            raise
-        request = Request(id=f"{encoded.job.serial}-{index}", prompt_ids=encoded.prompt_ids, params=params)
-        queue_s = time.perf_counter() - waited
-        tg.start_soon(self._sample, encoded, index, request, scope, live, send, queue_s, tokens)
+            for round_ in range(g.max_rounds):
+                prompt = encoded.prompt_ids
+                if out.text:
+                    prompt = prompt + tuple(backend.encode_text(out.text))
+                budget = min(g.max_new_tokens - out.new_tokens, backend.max_context - len(prompt))
+                if budget < 1:
+                    out.finish = "length"
+                    return
+                params = replace(self.params(encoded, index, round_), max_new_tokens=budget)
+                request = Request(
+                    id=f"{encoded.job.serial}-{index}-{round_}",
+                    prompt_ids=prompt,
+                    params=params,
+                    problem_id=encoded.problem.id,
+                    sample=index,
+                    round=round_,
+                )
+                out.rounds += 1
+                self.stats.rounds += 1
+                c = await backend.generate(request)
+                out.text += c.text
+                out.new_tokens += c.new_tokens
+                out.finish = c.finish_reason
+                if c.logprobs is not None:
+                    out.logprobs = (out.logprobs or []) + list(c.logprobs)
+                if c.finish_reason != "stop" or c.stop_string is None:
+                    return
+                code = style.next_cell(out.text)
+                if code is None or session is None:  # a fence that closes no code: write on
+                    out.text += c.stop_string
+                    continue
+                if round_ == g.max_rounds - 1:  # no round left to read the output
+                    out.text += c.stop_string
+                    out.finish = "rounds"
+                    return
+                result = await session.run(code)
+                out.cells += 1
+                out.clean += result.ok
+                if result.error:
+                    out.errors.append(result.error.strip().splitlines()[-1][:200])
+                out.text += style.feedback(c.stop_string, result.for_model(self.cfg.sandbox.output_chars))
+            out.finish = "rounds"
+        finally:
+            if session is not None:
+                with anyio.CancelScope(shield=True):
+                    await session.aclose()
 
     async def _sample(
         self,
         encoded: Encoded,
         index: int,
-        request: Request,
         scope: anyio.CancelScope,
         live: list[int],
         send: MemoryObjectSendStream[Generation | Result],
         queue_s: float,
         tokens: int,
+        samples: int,
     ) -> None:
         s = self.stats
         s.requests += 1
         s.in_flight += 1
         s.peak_in_flight = max(s.peak_in_flight, s.in_flight)
         started = time.perf_counter()
-        completion: Completion | None = None
+        out = _Outcome()
         error: str | None = None
+        finished = False
         try:
             with scope:
                 try:
-                    completion = await self.backend.generate(request)
+                    await self._rounds(encoded, index, out)
+                    finished = True
+                except SandboxError as e:
+                    error = f"the sandbox cannot run code: {e}"
                 except Exception as e:  # the model's failure is this sample's failure; the run goes on
                     error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         finally:
             s.in_flight -= 1
             self._tokens.release(tokens)
             self._requests.release()
-            live[0] -= 1
-            if live[0] == 0:
-                self._scopes.pop(encoded.job.serial, None)
+            self._done(encoded.job.serial, live)
         elapsed = time.perf_counter() - started
-        reason: str
-        if completion is not None:
+        s.new_tokens += out.new_tokens
+        if finished:
             s.completed += 1
             s.prompt_tokens += encoded.prompt_tokens
-            s.new_tokens += completion.new_tokens
-            text, new_tokens, reason = completion.text, completion.new_tokens, completion.finish_reason
+            text, reason = out.text, out.finish
         elif error is not None:
             s.failed += 1
-            text, new_tokens, reason = "", 0, "error"
+            text, reason = "", "error"
         else:
             s.aborted += 1
             timed_out = anyio.current_time() >= scope.deadline
-            text, new_tokens, reason = "", 0, "aborted"
+            text, reason = "", "aborted"
             error = TIME_LIMIT if timed_out else "cancelled"
         await send.send(
             Generation(
                 encoded=encoded,
                 index=index,
                 text=text,
-                new_tokens=new_tokens,
+                new_tokens=out.new_tokens,
                 queue_s=queue_s,
                 inference_s=elapsed,
                 error=error,
                 finish_reason=reason,
-                logprobs=completion.logprobs if completion is not None else None,
+                logprobs=tuple(out.logprobs) if out.logprobs is not None and finished else None,
+                of=samples,
+                rounds=out.rounds,
+                cells=out.cells,
+                clean_cells=out.clean,
+                cell_errors=tuple(out.errors),
             )
         )

@@ -9,12 +9,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pipeline.config import Config
 from pipeline.items import Encoded, Job, Result, error_result
 from stages.backends.base import Backend
+from stages.prompting import style_for
 
 
 def messages_for(text: str, cfg: Config) -> list[dict[str, str]]:
-    """The chat messages for a problem under the configured prompt style."""
+    """The chat messages for a problem under the configured prompt style (its own system prompt unless
+    ``generation.system_prompt`` is set)."""
+    system = cfg.generation.system_prompt or style_for(cfg.generation.prompt_style).system_prompt
     return [
-        {"role": "system", "content": cfg.generation.system_prompt},
+        {"role": "system", "content": system},
         {"role": "user", "content": text.strip()},
     ]
 

@@ -4,7 +4,8 @@ from hypothesis import strategies as st
 
 from pipeline.config import Config
 from pipeline.items import Candidate, Encoded, Generation, Job, Problem
-from stages.extraction import build_result, check_answer, extract_answer, last_boxed, to_integer, vote
+from stages.extraction import check_answer, extract_answer, last_boxed, to_integer
+from stages.vote import build_result, vote
 
 
 @pytest.mark.parametrize(

@@ -250,7 +250,7 @@ async def test_each_result_counts_how_its_samples_finished():
         items = [{"id": "l", "problem": "long"}, {"id": "s", "problem": "x"}]
         out = {r.id: r for r in await collect(p, items)}
     assert out["l"].finish == {"length": 2} and out["l"].to_json()["finish"] == {"length": 2}
-    assert out["s"].finish == {"eos": 2} and out["s"].answer == 2
+    assert out["s"].finish == {"answer": 2} and out["s"].answer == 2  # ended at its \\boxed{}
 
 
 async def test_a_problem_deadline_votes_on_what_finished_and_falls_back_when_nothing_did():
@@ -267,7 +267,8 @@ async def test_a_problem_deadline_votes_on_what_finished_and_falls_back_when_not
     assert none.status == "fallback" and none.answer == 0
     assert "time limit reached before any of 3 samples finished" in (none.error or "")
     assert none.finish == {"aborted": 3}
-    assert part.status == "ok" and part.answer == 6 and part.finish == {"eos": 1, "aborted": 2}
+    assert part.status == "fallback" and part.answer == 6 and part.finish == {"answer": 1, "aborted": 2}
+    assert "vote of the 1 of 3 samples that finished" in (part.error or "")
 
 
 async def test_problem_timeout_from_the_config_caps_every_problem():
@@ -331,5 +332,5 @@ async def test_a_vote_cut_short_by_a_deadline_is_not_cached():
             cut = await p.solve({"id": "a", "problem": "partial"}, timeout_s=0.3)
             backend.responder = lambda t, n: "\\boxed{7}"
             again = await p.solve({"id": "b", "problem": "partial"})
-    assert cut.answer == 6 and cut.finish == {"eos": 1, "aborted": 1}
+    assert cut.answer == 6 and cut.finish == {"answer": 1, "aborted": 1}
     assert again.status == "ok" and again.answer == 7  # computed afresh, not the cut-short vote

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.items import Candidate, Encoded, Generation, Job, Problem, Result
-from stages import extraction, tokenization
+from stages import tokenization, vote
 from stages.backends.fake import FakeBackend
 from stages.inference import Inference
 from stages.verification import Verification
@@ -215,7 +215,7 @@ async def test_extraction_votes_once_all_samples_are_in():
         )
 
     items = [cand(e1, 0, 5), cand(e2, 0, 9), cand(e2, 1, 9), cand(e1, 1, 6)]
-    out = await run_stage(extraction.run, items, cfg)
+    out = await run_stage(vote.run, items, cfg)
     assert [(r.id, r.answer, r.samples) for r in out] == [("p2", 9, 2), ("p1", 5, 2)]
 
 

@@ -16,7 +16,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from anyio.abc import TaskStatus
 
-FinishReason = Literal["eos", "length", "stop", "aborted"]
+FinishReason = Literal["eos", "length", "stop", "answer", "aborted"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class SamplingParams:
     ``greedy`` ignores temperature, top-p and min-p. ``seed`` makes a sampled request reproducible
     whatever else is being generated at the same time (see ``sample_seed``). ``stop`` strings end the
     completion; the text returned stops before the string. ``logprobs`` asks for the log-probability
-    of each generated token under the model.
+    of each generated token under the model. ``stop_at_answer`` ends the completion right after the
+    first complete ``\\boxed{...}`` written outside a code block (finish reason ``answer``).
     """
 
     max_new_tokens: int
@@ -37,6 +38,7 @@ class SamplingParams:
     seed: int = 0
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    stop_at_answer: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -53,11 +55,18 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Request:
-    """One generation request: ``id`` is unique among the requests in flight (for logs and aborts)."""
+    """One generation request: ``id`` is unique among the requests in flight (for logs and aborts).
+
+    ``problem_id``, ``sample`` and ``round`` say which problem, sample and round of tool use it is for
+    (the replay backend looks completions up by them; the recorder writes them).
+    """
 
     id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    problem_id: str | None = None
+    sample: int = 0
+    round: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,9 @@ class Completion:
     """What the model wrote for one request.
 
     ``finish_reason``: ``eos`` (the model ended), ``length`` (``max_new_tokens`` reached), ``stop`` (a
-    stop string, named in ``stop_string``; ``text`` ends before it), ``aborted`` (cancelled).
+    stop string, named in ``stop_string``; ``text`` ends before it), ``answer`` (the request asked to
+    stop at its answer and ``text`` ends with the closing brace of its ``\\boxed{}``), ``aborted``
+    (cancelled).
     ``logprobs`` holds one log-probability per new token when the request asked for them.
     """
 
@@ -116,6 +127,11 @@ class Backend(Protocol):
 
     def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Render chat ``messages`` through the chat template and return the prompt's token ids."""
+        ...
+
+    def encode_text(self, text: str) -> list[int]:
+        """The token ids of plain ``text`` (no special tokens): what a sample wrote so far, appended to
+        its prompt for the next round."""
         ...
 
     async def serve(self, *, task_status: TaskStatus[None]) -> None:

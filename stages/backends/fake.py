@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 
 from stages.backends.base import Completion, MemoryProfile, Request
 from stages.backends.scheduler import BatchScheduler, Row
+from stages.prompting import answer_end
 
 Responder = Callable[[str, int], str]
 """``(problem_text, nth_time_this_text_was_generated) -> model output text``."""
@@ -88,6 +89,10 @@ class FakeBackend:
         user = [m["content"] for m in messages if m["role"] == "user"]
         return [ord(c) for c in user[-1]]
 
+    def encode_text(self, text: str) -> list[int]:
+        """The text's code points."""
+        return [ord(c) for c in text]
+
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the batch loop until cancelled."""
         await self.scheduler.serve(task_status=task_status)
@@ -144,6 +149,9 @@ class FakeBackend:
         ids = tuple(range(1, min(step, len(words)) + 1))
         lp = tuple(-0.5 for _ in ids) if p.logprobs else None
         hits = [(text.find(s), s) for s in p.stop if s in text]
+        end = answer_end(text) if p.stop_at_answer else None
+        if end is not None and (not hits or end <= min(hits)[0]):
+            return Completion(ids, text[:end], "answer", logprobs=lp)
         if hits:
             at, s = min(hits)
             return Completion(ids, text[:at], "stop", stop_string=s, logprobs=lp)

@@ -27,6 +27,7 @@ from anyio.abc import TaskStatus
 from stages.backends.base import BackendError, Completion, MemoryProfile, Request
 from stages.backends.models import resolve_model
 from stages.backends.scheduler import BatchScheduler, Row
+from stages.prompting import answer_end
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -212,10 +213,16 @@ class _EndRows:
         b = self.backend
         if last in b.eos_ids:
             return b.completion(input_ids[i, self.width :].tolist(), "eos", state.logprobs)
-        if p.stop:
+        if p.stop or p.stop_at_answer:
             tail_ids = input_ids[i, max(self.width, input_ids.shape[1] - state.stop_tail) :].tolist()
             tail = b.tokenizer.decode(tail_ids, skip_special_tokens=True)
-            if any(s in tail for s in p.stop):
+            if p.stop_at_answer and "}" in tail:
+                completion = b.completion(
+                    input_ids[i, self.width :].tolist(), "answer", state.logprobs, p.stop
+                )
+                if completion.finish_reason == "answer":
+                    return completion
+            if p.stop and any(s in tail for s in p.stop):
                 completion = b.completion(input_ids[i, self.width :].tolist(), "stop", state.logprobs, p.stop)
                 if completion.stop_string is not None:
                     return completion
@@ -299,6 +306,11 @@ class TransformersBackend:
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Tokenize plain text without special tokens."""
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
     def configure(self, *, max_batch_size: int, max_wait_s: float, max_batch_tokens: int | None) -> None:
         """Set the micro-batcher's limits (before ``serve``)."""
         self.scheduler.configure(max_size=max_batch_size, max_wait_s=max_wait_s, max_tokens=max_batch_tokens)
@@ -330,6 +342,12 @@ class TransformersBackend:
         ids = tuple(new[:n])
         text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
         lp = tuple(logprobs[:n]) if logprobs is not None else None
+        if reason == "answer":
+            end = answer_end(text)
+            hits = [text.find(s) for s in stop if s in text]
+            if end is None or (hits and min(hits) < end):
+                return Completion(ids, text, "length", logprobs=lp)
+            return Completion(ids, text[:end], "answer", logprobs=lp)
         if reason == "stop":
             hits = [(text.find(s), s) for s in stop if s in text]
             if not hits:

@@ -29,6 +29,7 @@ from pipeline.config import Config
 from stages.backends.base import BackendError, Completion, FinishReason, MemoryProfile, Request
 from stages.backends.models import resolve_model
 from stages.backends.transformers_backend import choose_device_dtype
+from stages.prompting import answer_end
 
 GIB = 1024**3
 INSTALL_VLLM = (
@@ -188,6 +189,11 @@ class VllmBackend:
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Tokenize plain text without special tokens."""
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Watch the engine until cancelled.
 
@@ -228,7 +234,8 @@ class VllmBackend:
             seed=None if p.greedy else p.seed,
             stop=list(p.stop) or None,
             logprobs=0 if p.logprobs else None,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            # to stop at the answer the text is watched as it grows
+            output_kind=RequestOutputKind.CUMULATIVE if p.stop_at_answer else RequestOutputKind.FINAL_ONLY,
         )
 
     async def generate(self, request: Request) -> Completion:
@@ -245,18 +252,31 @@ class VllmBackend:
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_ids))
         final = None
         self.running.add(request_id)
+        stream = self.engine.generate(prompt, self._sampling(request), request_id=request_id)
         try:
-            async for out in self.engine.generate(prompt, self._sampling(request), request_id=request_id):
+            async for out in stream:
                 final = out
+                if request.params.stop_at_answer and out.outputs:
+                    end = answer_end(out.outputs[0].text)
+                    if end is not None:  # leaving the generator aborts the request in the engine
+                        return self.answered(out.outputs[0], end, request.params.logprobs)
         except Exception as e:
             if self.engine.errored:
                 raise BackendError(f"the vLLM engine died: {e}") from e
             raise
         finally:
             self.running.discard(request_id)
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()  # an unfinished stream aborts its request
         if final is None or not final.outputs:
             raise RuntimeError("vLLM returned no output for the request")
         return self.completion(final.outputs[0], request.params.logprobs)
+
+    @classmethod
+    def answered(cls, out: Any, end: int, want_logprobs: bool) -> Completion:
+        """A completion cut right after its answer's closing brace (finish reason ``answer``)."""
+        c = cls.completion(out, want_logprobs)
+        return Completion(c.token_ids, out.text[:end], "answer", logprobs=c.logprobs)
 
     @staticmethod
     def completion(out: Any, want_logprobs: bool) -> Completion:

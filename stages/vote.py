@@ -1,0 +1,218 @@
+"""The vote stage: a problem's checked samples become its one ``Result``.
+
+Each valid answer counts with its sample's weight (``VoteConfig``: clean code above plain reasoning,
+optionally times the sample's confidence from its token log-probabilities). The highest total wins;
+ties go to more samples, then to the answer whose first sample has the lowest index, so the result does
+not depend on the order samples finish in.
+
+Early stop (``vote.early_stop = K``): a problem is decided once K samples agree, or once its leader
+cannot be overtaken by the samples still running; its result leaves at once and ``on_decided(serial)``
+cancels the rest (the runner wires it to ``Inference.cancel``). Their aborted samples still arrive and
+are dropped here, so the bookkeeping of each problem ends when all its samples are in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from pipeline.config import Config, VoteConfig
+from pipeline.items import Candidate, Result
+from stages.extraction import TIME_LIMIT
+
+MAX_CONFIDENCE = 10.0  # 1 / (0 + 0.1): the most one sample's confidence can multiply its weight by
+
+
+def confidence(logprobs: Sequence[float]) -> float:
+    """1 / (mean surprisal + 0.1). The mean surprisal of the tokens a sample drew, minus their mean
+    log-probability, is a sampled estimate of its mean token entropy: low when the model was sure."""
+    if not logprobs:
+        return 1.0
+    surprisal = -sum(logprobs) / len(logprobs)
+    return 1.0 / (max(0.0, surprisal) + 0.1)
+
+
+def weight(c: Candidate, cfg: VoteConfig) -> float:
+    """The weight of one sample's answer."""
+    g = c.generation
+    w = cfg.code_weight if g.clean_code else 1.0
+    if cfg.confidence and g.logprobs:
+        w *= confidence(g.logprobs)
+    return w
+
+
+@dataclass(frozen=True)
+class Tally:
+    """The vote so far: per answer, its total weight, its samples, its first sample's index."""
+
+    weights: dict[int, float]
+    counts: dict[int, int]
+    first: dict[int, int]
+
+    def ranked(self) -> list[int]:
+        """Answers best first (weight, then samples, then the lowest first index)."""
+        return sorted(self.weights, key=lambda a: (-self.weights[a], -self.counts[a], self.first[a]))
+
+    @property
+    def winner(self) -> int | None:
+        """The winning answer, or ``None`` when no sample gave one."""
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+
+def tally(candidates: Sequence[Candidate], cfg: VoteConfig | None = None) -> Tally:
+    """Count the valid answers of ``candidates`` with their weights (all 1 without ``cfg``)."""
+    weights: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    first: dict[int, int] = {}
+    for c in candidates:
+        if c.answer is None:
+            continue
+        a = c.answer
+        weights[a] = weights.get(a, 0.0) + (weight(c, cfg) if cfg is not None else 1.0)
+        counts[a] = counts.get(a, 0) + 1
+        first[a] = min(first.get(a, c.generation.index), c.generation.index)
+    return Tally(weights, counts, first)
+
+
+def vote(candidates: Sequence[Candidate], cfg: VoteConfig | None = None) -> tuple[int | None, dict[int, int]]:
+    """The winning answer and the samples per answer (most first)."""
+    t = tally(candidates, cfg)
+    ranked = t.ranked()
+    return (ranked[0] if ranked else None), {a: t.counts[a] for a in ranked}
+
+
+def decided(candidates: Sequence[Candidate], of: int, cfg: VoteConfig) -> bool:
+    """Whether a problem with ``of`` samples can stop now: ``early_stop`` samples agree, or the
+    leader's lead is more than the samples still running could bring the runner-up."""
+    if cfg.early_stop is None or len(candidates) >= of:
+        return False
+    t = tally(candidates, cfg)
+    ranked = t.ranked()
+    if not ranked:
+        return False
+    if t.counts[ranked[0]] >= cfg.early_stop:
+        return True
+    best_one = max(1.0, cfg.code_weight) * (MAX_CONFIDENCE if cfg.confidence else 1.0)
+    runner_up = t.weights[ranked[1]] if len(ranked) > 1 else 0.0
+    return t.weights[ranked[0]] - runner_up > (of - len(candidates)) * best_one
+
+
+def build_result(candidates: list[Candidate], cfg: Config, *, early: bool = False) -> Result:
+    """The one ``Result`` for a problem from its candidates (all of them, or those in when the vote was
+    decided early)."""
+    gen0 = candidates[0].generation
+    encoded = gen0.encoded
+    problem = encoded.problem
+    answer, votes = vote(candidates, cfg.vote)
+    of = gen0.of
+    timings = {
+        "tokenize": encoded.tokenize_s,
+        "queue": max(c.generation.queue_s for c in candidates),
+        "inference": max(c.generation.inference_s for c in candidates),
+        "verify": max(c.verify_s for c in candidates),
+        "total": time.perf_counter() - problem.submitted,
+    }
+    common: dict[str, Any] = {
+        "id": problem.id,
+        "line": problem.line,
+        "gold": problem.answer,
+        "votes": votes,
+        "samples": len(candidates),
+        "prompt_tokens": encoded.prompt_tokens,
+        "new_tokens": sum(c.generation.new_tokens for c in candidates),
+        "timings": timings,
+        "finish": _finish(candidates, of, early),
+        "key": encoded.job.key,
+        "serial": encoded.job.serial,
+        "early_stop": early,
+        "cells": sum(c.generation.cells for c in candidates),
+        "code_errors": tuple(
+            f"sample {c.generation.index}: {e}" for c in candidates for e in c.generation.cell_errors
+        )[:10],
+    }
+    timed_out = [c for c in candidates if c.generation.error == TIME_LIMIT]
+    if answer is not None:
+        if timed_out:
+            done = len(candidates) - len(timed_out)
+            return Result(
+                answer=answer,
+                status="fallback",
+                error=f"time limit reached: the answer is the vote of the {done} of {len(candidates)} "
+                "samples that finished",
+                **common,
+            )
+        return Result(answer=answer, status="ok", **common)
+    failed = [c for c in candidates if c.generation.error is not None]
+    if timed_out and len(timed_out) == len(candidates):
+        return Result(
+            answer=cfg.answer.fallback,
+            status="fallback",
+            error=f"time limit reached before any of {len(candidates)} samples finished",
+            **common,
+        )
+    if len(failed) == len(candidates):
+        return Result(
+            answer=None, status="error", error=f"generation failed: {failed[0].generation.error}", **common
+        )
+    reasons = "; ".join(sorted({c.reason or "no answer" for c in candidates}))
+    return Result(
+        answer=cfg.answer.fallback,
+        status="fallback",
+        error=f"no sample gave a valid answer ({reasons})",
+        **common,
+    )
+
+
+def _finish(candidates: list[Candidate], of: int, early: bool) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for c in candidates:
+        counts[c.generation.finish_reason] = counts.get(c.generation.finish_reason, 0) + 1
+    if early and of > len(candidates):  # the samples the early stop cancels
+        counts["cancelled"] = of - len(candidates)
+    return counts
+
+
+class _Group:
+    __slots__ = ("candidates", "done", "seen")
+
+    def __init__(self) -> None:
+        self.candidates: list[Candidate] = []
+        self.seen = 0
+        self.done = False
+
+
+async def run(
+    receive: MemoryObjectReceiveStream[Candidate | Result],
+    send: MemoryObjectSendStream[Result],
+    cfg: Config,
+    on_decided: Callable[[int], Any] | None = None,
+) -> None:
+    """Gather each problem's candidates; send its ``Result`` when all are in or the vote is decided."""
+    groups: dict[int, _Group] = {}
+    async with receive, send:
+        async for item in receive:
+            if isinstance(item, Result):
+                await send.send(item)
+                continue
+            gen = item.generation
+            serial = gen.encoded.job.serial
+            group = groups.setdefault(serial, _Group())
+            group.seen += 1
+            complete = group.seen >= gen.of
+            if complete:
+                del groups[serial]
+            if group.done:
+                continue
+            group.candidates.append(item)
+            if complete:
+                await send.send(build_result(group.candidates, cfg))
+            elif decided(group.candidates, gen.of, cfg.vote):
+                group.done = True
+                if on_decided is not None:
+                    on_decided(serial)
+                await send.send(build_result(group.candidates, cfg, early=True))

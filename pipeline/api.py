@@ -55,7 +55,7 @@ def load_backend(cfg: Config) -> Backend:
 
         if m.replay is None:
             raise BackendError("the replay backend needs a file: --replay FILE.jsonl")
-        return ReplayBackend.load(m.replay)
+        return ReplayBackend.load(m.replay, speed=m.replay_speed)
     if m.backend == "vllm":
         from stages.backends.vllm_backend import VllmBackend
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -64,6 +65,25 @@ _FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "enforce_eager": ("vllm", "enforce_eager"),
     "prefix_caching": ("vllm", "enable_prefix_caching"),
     "verify_workers": ("run", "verify_workers"),
+    "queue_size": ("run", "queue_size"),
+    "replay": ("model", "replay"),
+    "record": ("model", "record"),
+    "replay_speed": ("model", "replay_speed"),
+    "prompt": ("generation", "prompt_style"),
+    "max_rounds": ("generation", "max_rounds"),
+    "stop_at_answer": ("generation", "stop_at_answer"),
+    "cell_timeout": ("sandbox", "cell_timeout_s"),
+    "sandbox_memory_mb": ("sandbox", "memory_mb"),
+    "sandbox_pool": ("sandbox", "pool_size"),
+    "output_chars": ("sandbox", "output_chars"),
+    "early_stop": ("vote", "early_stop"),
+    "code_weight": ("vote", "code_weight"),
+    "confidence": ("vote", "confidence"),
+    "time_budget": ("time", "budget_s"),
+    "time_base": ("time", "base_s"),
+    "expected_problems": ("time", "expected_problems"),
+    "time_margin": ("time", "margin_s"),
+    "fallback_answer": ("answer", "fallback"),
 }
 
 
@@ -105,9 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--backend",
-        choices=["transformers", "vllm"],
-        help="model engine: transformers (default, micro-batching) or vllm (continuous batching; extra)",
+        choices=["transformers", "vllm", "replay"],
+        help="model engine: transformers (default, micro-batching), vllm (continuous batching; extra), "
+        "or replay (recorded completions from --replay)",
     )
+    g.add_argument("--replay", help="JSONL of recorded completions for --backend replay (see the README)")
+    g.add_argument(
+        "--replay-speed",
+        type=float,
+        help="replay: 0 answers at once (default), 1 waits each recorded time, 2 half of it",
+    )
+    g.add_argument("--record", help="write every completion the model returns to this JSONL (replayable)")
     g = s.add_argument_group("vllm backend (--backend vllm)")
     g.add_argument(
         "--gpu-memory-utilization",
@@ -147,6 +175,50 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-p", type=float, help="keep tokens at least this share of the top one (default 0)")
     g.add_argument("--max-new-tokens", type=int, help="default 384")
     g.add_argument("--seed", type=int)
+    g.add_argument(
+        "--prompt",
+        choices=["cot", "tir"],
+        help="cot: reason then \\boxed{}; tir: the model may write Python, run in the sandbox (default cot)",
+    )
+    g.add_argument("--max-rounds", type=int, help="tir: rounds of code and output per sample (default 8)")
+    g.add_argument(
+        "--stop-at-answer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="end a sample once it wrote a closing \\boxed{...} outside code (default on)",
+    )
+    g = s.add_argument_group("sandbox (--prompt tir)")
+    g.add_argument("--cell-timeout", type=float, help="wall-clock seconds per code cell (default 10)")
+    g.add_argument("--sandbox-memory-mb", type=int, help="address space per interpreter (default 2048)")
+    g.add_argument("--sandbox-pool", type=int, help="interpreters kept alive (default 2 x samples, >= 2)")
+    g.add_argument("--output-chars", type=int, help="characters of a cell's output shown (default 1000)")
+    g = s.add_argument_group("vote")
+    g.add_argument(
+        "--early-stop",
+        type=int,
+        help="end a problem once this many samples agree, or once its leader cannot be overtaken",
+    )
+    g.add_argument("--code-weight", type=float, help="vote weight of a sample whose code ran cleanly (2)")
+    g.add_argument(
+        "--confidence",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="weigh votes by the sample's confidence (1 / mean token surprisal; default off)",
+    )
+    g = s.add_argument_group("time budget")
+    g.add_argument(
+        "--time-budget",
+        type=duration,
+        help="the whole run's time, e.g. 5h, 90m, 1h30m, 300 (seconds); every problem is answered in it",
+    )
+    g.add_argument("--time-base", type=duration, help="the least time a problem gets while time is left")
+    g.add_argument(
+        "--expected-problems",
+        type=int,
+        help="problems the budget is spread over (default: counted from the input file)",
+    )
+    g.add_argument("--time-margin", type=duration, help="kept back at the end of the budget (default 1s)")
+    g.add_argument("--fallback-answer", type=int, help="the answer given when no sample finished (default 0)")
     g = s.add_argument_group("answers")
     g.add_argument("--answer-modulus", type=int, help="reduce answers modulo this (1000 for AIMO 1)")
     g.add_argument("--answer-min", type=int, help="smallest valid answer (default 0)")
@@ -166,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap on prompt + max-new-tokens of the requests in the model at once (default: none)",
     )
     g.add_argument("--verify-workers", type=int, help="verification worker processes (default 2)")
+    g.add_argument(
+        "--queue-size", type=int, help="items each stream between stages holds (default: from in-flight)"
+    )
     g = s.add_argument_group("output")
     g.add_argument("--log-json", action="store_true", help="machine-readable JSON logs on stderr")
     g.add_argument("--log-level", default="info", help="debug, info, warning or error")
@@ -177,6 +252,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="after SIGINT/SIGTERM, how long in-flight problems may finish (default 10)",
     )
     return parser
+
+
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|h|m|s)")
+
+
+def duration(text: str) -> float:
+    """Seconds from ``300``, ``90s``, ``15m``, ``5h``, ``1h30m`` or ``2.5h``.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else (the message shows the forms that work).
+    """
+    t = text.strip().lower().replace(" ", "")
+    try:
+        seconds = float(t)
+    except ValueError:
+        pos, seconds = 0, 0.0
+        for m in _DURATION.finditer(t):
+            if m.start() != pos or not t:
+                break
+            seconds += float(m.group(1)) * _UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(t) or not t:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a duration; use seconds (300) or units: 90s, 15m, 5h, 1h30m"
+            ) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
+    return seconds
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -290,6 +394,13 @@ async def run_stream(args: argparse.Namespace, cfg: Config, backend: Backend | N
         total = await anyio.to_thread.run_sync(_count_lines, args.input)
         if total is not None:
             total = max(0, total - done.count)
+    if cfg.time.budget_s is not None and cfg.time.expected_problems is None:
+        count = total if total is not None else await anyio.to_thread.run_sync(_count_lines, args.input)
+        if count is not None:  # the budget is spread over what is left to do
+            cfg = cfg.replace(
+                time={"expected_problems": max(1, count - (done.count if total is None else 0))}
+            )
+            logger.info("time budget", seconds=cfg.time.budget_s, problems=cfg.time.expected_problems)
     items: AsyncIterator[Problem | Result] = read_problems(args.input)
     if args.resume:
         items = _skip_written(items, done)

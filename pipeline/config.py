@@ -49,7 +49,8 @@ class ModelConfig:
     dtype; ``int8`` is torch's dynamic quantisation of the linear layers on CPU, or bitsandbytes 8-bit
     on CUDA (where installed); ``int4`` is bitsandbytes 4-bit on CUDA. A mode the device or backend
     cannot do is refused when the model loads, naming what would work. ``replay`` is the file of
-    recorded completions the ``replay`` backend answers from; ``record`` a file every completion the
+    recorded completions the ``replay`` backend answers from (``replay_speed``: 0 answers at once, 1
+    waits each completion's recorded time, 2 half of it); ``record`` a file every completion the
     model returns is written to, in that format.
     """
 
@@ -60,6 +61,7 @@ class ModelConfig:
     backend: BackendName = "transformers"
     quantize: Quantize = "none"
     replay: str | None = None
+    replay_speed: float = 0.0
     record: str | None = None
 
     def __post_init__(self) -> None:
@@ -80,6 +82,7 @@ class ModelConfig:
             "model.replay",
             "the replay backend needs a file of recorded completions (--replay FILE.jsonl)",
         )
+        _check(self.replay_speed >= 0, "model.replay_speed", "must be >= 0")
         _check(
             self.quantize in ("none", "fp16", "bf16", "int8", "int4"),
             "model.quantize",
@@ -466,9 +469,18 @@ class Config:
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # several samples, sampled and voted; long answers
+    # the AIMO 3 recipe: 8 samples with code, sampled and voted, stop once 4 agree; long answers
     "max-accuracy": {
-        "generation": {"samples": 8, "temperature": 1.0, "top_p": 1.0, "min_p": 0.02, "max_new_tokens": 1024},
+        "generation": {
+            "samples": 8,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "min_p": 0.02,
+            "max_new_tokens": 1024,
+            "prompt_style": "tir",
+            "max_rounds": 8,
+        },
+        "vote": {"early_stop": 4, "code_weight": 2.0},
     },
     # one greedy sample, short answers, big batches
     "max-speed": {
@@ -487,6 +499,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "timeout-safe": {
         "generation": {"samples": 4, "temperature": 0.7, "max_new_tokens": 512},
         "run": {"problem_timeout_s": 60.0},
+        "vote": {"early_stop": 3},
     },
     # the old one-problem-at-a-time mode, kept for comparison
     "sequential": {

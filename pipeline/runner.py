@@ -51,6 +51,9 @@ class RunStats:
     new_tokens: int = 0
     graded: int = 0
     correct: int = 0
+    early_stops: int = 0
+    cells: int = 0
+    out_of_time: int = 0
 
     def record(self, r: Result) -> None:
         """Count one delivered result."""
@@ -63,6 +66,8 @@ class RunStats:
         self.cache_hits += r.status == "cached"
         if r.status != "cached":
             self.new_tokens += r.new_tokens
+        self.early_stops += r.early_stop
+        self.cells += r.cells
         if r.gold is not None:
             self.graded += 1
             self.correct += bool(r.correct)
@@ -80,6 +85,12 @@ class RunStats:
             "problems_per_s": round(self.problems / elapsed, 3),
             "new_tokens_per_s": round(self.new_tokens / elapsed, 1),
         }
+        if self.early_stops:
+            out["early_stops"] = self.early_stops
+        if self.cells:
+            out["code_cells"] = self.cells
+        if self.out_of_time:
+            out["answered_after_the_budget"] = self.out_of_time
         if self.graded:
             out["accuracy"] = round(self.correct / self.graded, 4)
             out["graded"] = self.graded
@@ -224,6 +235,7 @@ class Engine:
                 await self._deliver(item, route)
                 return
             if self.planner is not None and self.planner.spent():
+                self.stats.out_of_time += 1
                 await self._deliver(self._out_of_time(item), route)
                 return
             timeout = self.cfg.run.problem_timeout_s

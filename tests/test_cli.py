@@ -1,5 +1,6 @@
 """Command-line checks that fail before any work starts (exit code 2, one line on stderr)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,86 @@ def test_an_unknown_preset_exits_2(tmp_path: Path, capsys):
     (tmp_path / "x.jsonl").write_text("")
     assert main(["stream", str(tmp_path / "x.jsonl"), "--config", str(f)]) == EXIT_USAGE
     assert "unknown preset 'fastest'" in capsys.readouterr().err
+
+
+def test_tir_vote_and_time_flags_reach_their_settings():
+    argv = [
+        "stream", "x.jsonl", "--prompt", "tir", "--max-rounds", "5", "--no-stop-at-answer",
+        "--cell-timeout", "4", "--sandbox-memory-mb", "1024", "--sandbox-pool", "6", "--output-chars", "500",
+        "--early-stop", "3", "--code-weight", "1.5", "--confidence",
+        "--time-budget", "1h30m", "--time-base", "2m", "--expected-problems", "50", "--time-margin", "5s",
+        "--fallback-answer", "7", "--queue-size", "1", "--backend", "replay", "--replay", "r.jsonl",
+        "--replay-speed", "1", "--record", "rec.jsonl",
+    ]  # fmt: skip
+    cfg = config_from_args(build_parser().parse_args(argv))
+    g, sb, v, t = cfg.generation, cfg.sandbox, cfg.vote, cfg.time
+    assert (g.prompt_style, g.max_rounds, g.stop_at_answer) == ("tir", 5, False)
+    assert (sb.cell_timeout_s, sb.memory_mb, sb.pool_size, sb.output_chars) == (4.0, 1024, 6, 500)
+    assert (v.early_stop, v.code_weight, v.confidence) == (3, 1.5, True)
+    assert (t.budget_s, t.base_s, t.expected_problems, t.margin_s) == (5400.0, 120.0, 50, 5.0)
+    assert cfg.answer.fallback == 7 and cfg.run.queue_size == 1
+    assert (cfg.model.backend, cfg.model.replay, cfg.model.replay_speed, cfg.model.record) == (
+        "replay",
+        "r.jsonl",
+        1.0,
+        "rec.jsonl",
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--time-budget", "soon"], "is not a duration"),
+        (["--time-budget", "0"], "must be positive"),
+        (["--prompt", "pot"], "invalid choice"),
+    ],
+)
+def test_bad_time_and_prompt_flags_exit_2_naming_them(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["stream", "x.jsonl", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--early-stop", "0"], "vote.early_stop: must be at least 1"),
+        (["--max-rounds", "0"], "generation.max_rounds: must be at least 1"),
+        (["--cell-timeout", "-1"], "sandbox.cell_timeout_s: must be positive"),
+        (["--backend", "replay"], "model.replay: the replay backend needs a file"),
+    ],
+)
+def test_invalid_tir_settings_exit_2_naming_the_field(argv, message, tmp_path: Path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "problem": "1+1"}\n')
+    assert main(["stream", str(src), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_recorded_run_replays_through_the_command(tmp_path: Path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "problem": "1+1", "answer": 2}\n{"id": "b", "problem": "2+2", "answer": 4}\n')
+    replay = tmp_path / "r.jsonl"
+    replay.write_text(
+        '{"id": "a", "round": 0, "text": "```python\\nprint(1+1)\\n```\\n"}\n'
+        '{"id": "a", "round": 1, "text": "so \\\\boxed{2}"}\n'
+        '{"id": "b", "sample": 0, "round": 0, "text": "\\\\boxed{5}", "seconds": 60}\n'
+    )
+    out = tmp_path / "out.jsonl"
+    argv = [
+        "stream",
+        str(src),
+        "-o",
+        str(out),
+        "--backend",
+        "replay",
+        "--replay",
+        str(replay),
+        "--prompt",
+        "tir",
+    ]
+    assert main(argv) == 0  # recorded seconds are not waited for by default
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["a"]["answer"] == 2 and rows["a"]["cells"] == 1 and rows["a"]["correct"] is True
+    assert rows["b"]["answer"] == 5 and rows["b"]["correct"] is False
+    assert "code cells" in capsys.readouterr().err

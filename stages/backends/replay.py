@@ -36,19 +36,26 @@ Key = tuple[str, int | None, int]
 
 class ReplayBackend:
     """A ``Backend`` that answers each request with the completion recorded for its problem, sample
-    and round. A request with no recording fails (that sample's failure, naming what is missing)."""
+    and round. A request with no recording fails (that sample's failure, naming what is missing).
+    ``speed`` scales the recorded ``seconds``: 1 waits them, 2 half of them, 0 answers at once."""
 
     def __init__(
-        self, records: dict[Key, dict[str, Any]], *, model_id: str = "replay", keep_requests: bool = False
+        self,
+        records: dict[Key, dict[str, Any]],
+        *,
+        model_id: str = "replay",
+        keep_requests: bool = False,
+        speed: float = 1.0,
     ) -> None:
         self.records = records
+        self.speed = speed
         self.model_id = model_id
         self.max_context = 1_000_000
         self.served = 0
         self.requests: list[Request] | None = [] if keep_requests else None
 
     @classmethod
-    def load(cls, path: str | Path, *, keep_requests: bool = False) -> ReplayBackend:
+    def load(cls, path: str | Path, *, keep_requests: bool = False, speed: float = 1.0) -> ReplayBackend:
         """Read a replay file.
 
         Raises:
@@ -83,7 +90,7 @@ class ReplayBackend:
                 raise BackendError(f"{p} line {n}: {e}") from e
             records[(str(pid), sample, round_)] = rec
         digest = hashlib.sha256(raw).hexdigest()[:12]
-        return cls(records, model_id=f"replay:{digest}", keep_requests=keep_requests)
+        return cls(records, model_id=f"replay:{digest}", keep_requests=keep_requests, speed=speed)
 
     def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The user message's code points (the replay needs no tokenizer)."""
@@ -124,8 +131,8 @@ class ReplayBackend:
             self.requests.append(request)
         rec = self.lookup(request)
         seconds = float(rec.get("seconds", 0.0))
-        if seconds > 0:
-            await anyio.sleep(seconds)
+        if seconds > 0 and self.speed > 0:
+            await anyio.sleep(seconds / self.speed)
         else:
             await anyio.lowlevel.checkpoint()
         self.served += 1

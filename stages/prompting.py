@@ -95,21 +95,6 @@ def style_for(name: str) -> PromptStyle:
     return STYLES[name]
 
 
-def outside_code(text: str) -> str:
-    """``text`` with fenced blocks (```...```, an unclosed one to the end) removed."""
-    out = []
-    pos = 0
-    inside = False
-    for m in _FENCE.finditer(text):
-        if not inside:
-            out.append(text[pos : m.start()])
-        inside = not inside
-        pos = m.end()
-    if not inside:
-        out.append(text[pos:])
-    return "".join(out)
-
-
 _BOXED = re.compile(r"\\boxed\s*\{")
 
 

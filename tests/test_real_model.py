@@ -254,3 +254,33 @@ def test_a_quantisation_mode_the_device_cannot_do_exits_2(tmp_path: Path):
     proc = _cli("stream", str(tmp_path / "p.jsonl"), "--quantize", "int4", "--device", "cpu", timeout=120)
     assert proc.returncode == cli.EXIT_USAGE, proc.stderr
     assert "--quantize int4 is not available on CPU" in proc.stderr
+
+
+def test_a_completion_stops_right_after_its_boxed_answer_with_the_real_tokenizer(real_backend: Backend):
+    tb = real_backend
+    ids = tb.encode_text("So the total is \\boxed{42}. Let me also check it again: 40 + 2.")
+    c = tb.completion(ids, "answer")  # type: ignore[attr-defined]
+    assert c.finish_reason == "answer" and c.text == "So the total is \\boxed{42}"
+    inside = tb.encode_text("```python\nprint('\\\\boxed{1}')\n```\nand more")
+    assert tb.completion(inside, "answer").finish_reason == "length"  # type: ignore[attr-defined]
+
+
+async def test_tir_rounds_with_the_real_model_and_the_real_sandbox(real_backend: Backend):
+    # The small model seldom writes code; what is checked is that tir samples run whole through the
+    # real tokenizer, model and sandbox: one result per problem, every sample accounted for.
+    cfg = small_config(
+        generation={"prompt_style": "tir", "samples": 2, "max_new_tokens": 96, "max_rounds": 3},
+        vote={"early_stop": 2},
+    )
+    items = [
+        {"id": "a", "problem": "Use Python to compute 123 * 45.", "answer": 5535},
+        {"id": "b", "problem": "What is 2 to the power 10?", "answer": 1024},
+    ]
+    async with Pipeline(cfg, backend=real_backend) as p:
+        with anyio.fail_after(300):
+            results = {r.id: r async for r in p.stream(items)}
+        assert p.engine.sandbox is not None and p.engine.inference.stats.in_flight == 0
+    assert set(results) == {"a", "b"}
+    for r in results.values():
+        assert r.status in ("ok", "fallback") and sum(r.finish.values()) == 2
+        assert set(r.finish) <= {"eos", "length", "answer", "rounds", "cancelled"}

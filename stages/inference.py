@@ -1,9 +1,10 @@
 """The inference stage: every sample is one request to the backend, sent on as soon as it completes.
 
-Each encoded problem becomes ``samples`` requests, each awaited by its own task in the stage's task
-group, so completions leave in completion order, not batch order. How many requests (and, optionally,
-tokens) are in the backend at once is bounded here: when the bound is reached the stage stops taking
-problems, and that block travels upstream as backpressure. Batching is the backend's business.
+Each encoded problem becomes ``samples`` tasks in the stage's task group, each sending its requests
+and awaiting them, so completions leave in completion order, not batch order. How many requests (and,
+optionally, tokens) are in the backend at once is bounded here by a semaphore the sample tasks wait on;
+how many problems (and so sample tasks) exist at once is bounded by admission. Batching is the
+backend's business.
 
 A sample may take several rounds (prompt style ``tir``): a round that stops at the end of a code
 block has its code run in the sandbox (``stages/sandbox.py``, one interpreter per sample), the output
@@ -29,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import anyio
-from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from pipeline.budget import TimePlanner
@@ -101,7 +101,9 @@ class Inference:
 
     ``wanted(serial)`` says whether anyone still waits for a problem; one nobody wants is skipped.
     ``sandbox`` runs code cells (required for the ``tir`` style); ``planner`` gives each problem its
-    deadline and samples under a time budget.
+    deadline and samples under a time budget. Every sample is a task from the start, waiting for its
+    request slot inside its problem's cancel scope; how many tasks exist is bounded by admission
+    (``run.max_in_flight`` problems).
     """
 
     def __init__(
@@ -175,48 +177,7 @@ class Inference:
                 self._scopes[serial] = scopes
                 live = [samples]
                 for index, scope in enumerate(scopes):
-                    await self._submit(tg, item, index, scope, live, send, samples)
-
-    async def _submit(
-        self,
-        tg: TaskGroup,
-        encoded: Encoded,
-        index: int,
-        scope: anyio.CancelScope,
-        live: list[int],
-        send: MemoryObjectSendStream[Generation | Result],
-        samples: int,
-    ) -> None:
-        waited = time.perf_counter()
-        tokens = encoded.prompt_tokens + self.cfg.generation.max_new_tokens
-        if not scope.cancel_called:  # a decided or abandoned problem's later samples take no slot
-            with anyio.move_on_after(max(0.0, scope.deadline - anyio.current_time())):
-                await self._requests.acquire()
-                try:
-                    await self._tokens.acquire(tokens)
-                except BaseException:
-                    self._requests.release()
-                    raise
-                queue_s = time.perf_counter() - waited
-                tg.start_soon(self._sample, encoded, index, scope, live, send, queue_s, tokens, samples)
-                return
-        # never started: cancelled, or its deadline passed while it waited for a slot
-        self.stats.skipped += 1
-        self._done(encoded.job.serial, live)
-        timed_out = not scope.cancel_called
-        await send.send(
-            Generation(
-                encoded=encoded,
-                index=index,
-                text="",
-                new_tokens=0,
-                queue_s=time.perf_counter() - waited,
-                error=TIME_LIMIT if timed_out else "cancelled",
-                finish_reason="aborted",
-                of=samples,
-                rounds=0,
-            )
-        )
+                    tg.start_soon(self._sample, item, index, scope, live, send, samples)
 
     def _done(self, serial: int, live: list[int]) -> None:
         live[0] -= 1
@@ -284,20 +245,31 @@ class Inference:
         scope: anyio.CancelScope,
         live: list[int],
         send: MemoryObjectSendStream[Generation | Result],
-        queue_s: float,
-        tokens: int,
         samples: int,
     ) -> None:
+        """One sample: wait for a request slot (and its tokens), then run its rounds, all inside the
+        sample's cancel scope, so a decided or timed-out problem's sample stops wherever it is."""
         s = self.stats
-        s.requests += 1
-        s.in_flight += 1
-        s.peak_in_flight = max(s.peak_in_flight, s.in_flight)
-        started = time.perf_counter()
+        waited = time.perf_counter()
+        tokens = encoded.prompt_tokens + self.cfg.generation.max_new_tokens
+        started = waited
         out = _Outcome()
         error: str | None = None
         finished = False
+        holding = False
         try:
             with scope:
+                await self._requests.acquire()
+                try:
+                    await self._tokens.acquire(tokens)
+                except BaseException:
+                    self._requests.release()
+                    raise
+                holding = True
+                started = time.perf_counter()
+                s.requests += 1
+                s.in_flight += 1
+                s.peak_in_flight = max(s.peak_in_flight, s.in_flight)
                 try:
                     await self._rounds(encoded, index, out)
                     finished = True
@@ -306,10 +278,15 @@ class Inference:
                 except Exception as e:  # the model's failure is this sample's failure; the run goes on
                     error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         finally:
-            s.in_flight -= 1
-            self._tokens.release(tokens)
-            self._requests.release()
+            if holding:
+                s.in_flight -= 1
+                self._tokens.release(tokens)
+                self._requests.release()
             self._done(encoded.job.serial, live)
+        if not holding:
+            s.skipped += 1
+            started = time.perf_counter()
+        queue_s = started - waited
         elapsed = time.perf_counter() - started
         s.new_tokens += out.new_tokens
         if finished:

@@ -65,8 +65,9 @@ async def test_inference_batches_every_sample_and_passes_results_through():
     ]
     assert all(len(batch) <= 4 for batch in backend.calls)
     assert backend.scheduler.stats.rows == 15 and stage.stats.completed == 15
-    assert all(g.text == f"Adding the numbers gives \\boxed{{{g.encoded.job.serial + 1}}}." for g in gens)
-    assert all(g.finish_reason == "eos" for g in gens)
+    # each sample ends right after its \\boxed{} (stop_at_answer): the "." after it is not generated
+    assert all(g.text == f"Adding the numbers gives \\boxed{{{g.encoded.job.serial + 1}}}" for g in gens)
+    assert all(g.finish_reason == "answer" for g in gens)
 
 
 async def test_inference_seeds_depend_on_the_problem_and_sample_only():
@@ -205,13 +206,13 @@ async def test_verification_checks_answers_in_worker_processes():
     assert by_index[2].answer is None and by_index[2].reason == "model failed"
 
 
-async def test_extraction_votes_once_all_samples_are_in():
+async def test_the_vote_waits_until_all_of_a_problems_samples_are_in():
     cfg = small_config(generation={"samples": 2})
     e1, e2 = encoded(1), encoded(2)
 
-    def cand(e, i, a):
+    def cand(e, i, a):  # `of`: how many samples the problem has (the inference stage sets it)
         return Candidate(
-            generation=Generation(encoded=e, index=i, text="", new_tokens=1), answer=a, extracted=None
+            generation=Generation(encoded=e, index=i, text="", new_tokens=1, of=2), answer=a, extracted=None
         )
 
     items = [cand(e1, 0, 5), cand(e2, 0, 9), cand(e2, 1, 9), cand(e1, 1, 6)]

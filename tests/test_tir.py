@@ -211,3 +211,30 @@ async def test_time_budget_answers_every_problem_and_ends_on_time(tmp_path):
     late = [r for r in out.values() if r.status == "fallback"]
     assert solved and late and len(solved) + len(late) == 40
     assert elapsed < 3.0 + 1.5
+
+
+async def test_time_ahead_raises_the_samples_and_an_early_stop_frees_queued_ones_without_a_slot(tmp_path):
+    records = [
+        {"id": "p1", "round": 0, "text": "\\boxed{1}"},
+        {"id": "p2", "round": 0, "text": "\\boxed{2}"},
+        {"id": "p3", "sample": 0, "round": 0, "text": "\\boxed{5}"},
+        {"id": "p3", "sample": 1, "round": 0, "text": "\\boxed{5}"},
+        {"id": "p3", "round": 0, "text": "\\boxed{9}", "seconds": 30},
+    ]
+    backend = ReplayBackend.load(write_replay(tmp_path / "r.jsonl", records))
+    cfg = small_config(
+        generation={"samples": 2},
+        run={"max_in_flight": 1},  # 2 request slots
+        vote={"early_stop": 2},
+        time={"budget_s": 100.0, "expected_problems": 3, "max_samples": 6},
+    )
+    async with Pipeline(cfg, backend=backend) as p:
+        with anyio.fail_after(20):
+            out = {r.id: r async for r in p.stream({"id": f"p{i}", "problem": f"q{i}"} for i in (1, 2, 3))}
+            while p.engine.inference.stats.in_flight:
+                await anyio.sleep(0.01)
+        skipped = p.engine.inference.stats.skipped
+    # p3 started with ~99 s left for 1 problem against an even 33 s: 6 samples instead of 2
+    assert out["p3"].answer == 5 and out["p3"].early_stop
+    assert out["p3"].finish == {"answer": 2, "cancelled": 4}
+    assert skipped >= 2  # samples 4 and 5 were still waiting for a slot: cancelled without taking one

@@ -284,3 +284,22 @@ async def test_tir_rounds_with_the_real_model_and_the_real_sandbox(real_backend:
     for r in results.values():
         assert r.status in ("ok", "fallback") and sum(r.finish.values()) == 2
         assert set(r.finish) <= {"eos", "length", "answer", "rounds", "cancelled"}
+
+
+async def test_an_early_stop_cancels_the_requests_running_in_the_real_engine(real_backend: Backend):
+    from tests.conftest import EarlyAnswers
+
+    sched = real_backend.scheduler  # type: ignore[attr-defined]
+    aborted_before = len(sched.stats.abort_latency_s)
+    cfg = small_config(
+        generation={"samples": 4, "max_new_tokens": 1500, "temperature": 1.0},
+        vote={"early_stop": 2},
+        batch={"max_wait_ms": 0.0},
+    )
+    async with Pipeline(cfg, backend=EarlyAnswers(real_backend)) as p:
+        with anyio.fail_after(60):  # 2 x 1,500 tokens would take minutes on a CPU
+            r = await p.solve({"id": "x", "problem": "anything"})
+            while sched.running or p.engine.inference.stats.in_flight:
+                await anyio.sleep(0.005)
+    assert r.answer == 5 and r.early_stop and r.finish == {"answer": 2, "cancelled": 2}
+    assert len(sched.stats.abort_latency_s) == aborted_before + 2  # both rows left the running batch

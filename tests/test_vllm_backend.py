@@ -126,3 +126,20 @@ async def test_another_event_loop_is_refused_with_a_clear_error(vllm_backend):
 
     with pytest.raises(BackendError, match="started on another event loop"):
         await anyio.to_thread.run_sync(anyio.run, use)
+
+
+async def test_an_early_stop_cancels_the_requests_running_in_vllm(vllm_backend):
+    from tests.conftest import EarlyAnswers
+
+    cfg = vllm_config(
+        generation={"samples": 4, "max_new_tokens": 900, "temperature": 1.0}, vote={"early_stop": 2}
+    )
+    started = time.perf_counter()
+    async with Pipeline(cfg, backend=EarlyAnswers(vllm_backend)) as p:
+        with anyio.fail_after(60):
+            r = await p.solve({"id": "x", "problem": "anything"})
+            while vllm_backend.unfinished() or p.engine.inference.stats.in_flight:
+                await anyio.sleep(0.005)
+    assert r.answer == 5 and r.early_stop and r.finish == {"answer": 2, "cancelled": 2}
+    assert vllm_backend.running == set()
+    assert time.perf_counter() - started < 60

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import signal
 import sys
@@ -180,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["cot", "tir"],
         help="cot: reason then \\boxed{}; tir: the model may write Python, run in the sandbox (default cot)",
     )
-    g.add_argument("--max-rounds", type=int, help="tir: rounds of code and output per sample (default 8)")
+    g.add_argument(
+        "--max-rounds",
+        type=int,
+        help="tir: model requests per sample, with code run between them: at most N-1 cells (default 8)",
+    )
     g.add_argument(
         "--stop-at-answer",
         action=argparse.BooleanOptionalAction,
@@ -278,8 +283,8 @@ def duration(text: str) -> float:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a duration; use seconds (300) or units: 90s, 15m, 5h, 1h30m"
             ) from None
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be a positive number of seconds")
     return seconds
 
 

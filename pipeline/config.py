@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,8 @@ class GenerationConfig:
 
     ``prompt_style``: ``cot`` (reason, then ``\\boxed{}``) or ``tir`` (tool-integrated reasoning: the
     model may write fenced Python, which runs in the sandbox; its output is appended and the sample
-    goes on, for up to ``max_rounds`` rounds, all within ``max_new_tokens``). ``system_prompt``
+    goes on, for up to ``max_rounds`` rounds (model requests; code runs between them, so at most
+    ``max_rounds - 1`` cells), all within ``max_new_tokens``). ``system_prompt``
     ``None`` is the style's own. ``stop_at_answer`` ends a sample as soon as it has written a closing
     ``\\boxed{...}`` outside a code block. ``logprobs`` asks the backend for token log-probabilities
     (``vote.confidence`` turns it on).
@@ -327,7 +329,11 @@ class TimeConfig:
     max_samples: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.budget_s is None or self.budget_s > 0, "time.budget_s", "must be positive")
+        _check(
+            self.budget_s is None or 0 < self.budget_s < math.inf,
+            "time.budget_s",
+            "must be a positive number",
+        )
         _check(self.base_s >= 0, "time.base_s", "must be >= 0")
         _check(
             self.expected_problems is None or self.expected_problems >= 1,

@@ -200,6 +200,8 @@ class Inference:
                     out.finish = "length"
                     return
                 params = replace(self.params(encoded, index, round_), max_new_tokens=budget)
+                if out.text.count("```") % 2:  # the round starts inside a block: no final answer there
+                    params = replace(params, stop_at_answer=False)
                 request = Request(
                     id=f"{encoded.job.serial}-{index}-{round_}",
                     prompt_ids=prompt,

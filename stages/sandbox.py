@@ -88,7 +88,8 @@ class CellResult:
         if self_dropped:
             parts.append(f"[... {self_dropped:,} more characters of output not shown]")
         if self.error:
-            parts.append(self.error)
+            error = self.error if len(self.error) <= limit else "..." + self.error[-limit:]
+            parts.append(error)
         return "\n".join(parts) if parts else "(no output)"
 
 
@@ -134,7 +135,13 @@ class Kernel:
         header = await self.stdout.receive_until(b"\n", 16)
         if not header.isdigit() or int(header) > MAX_REPLY:
             raise SandboxError(f"the interpreter broke the protocol (length line {header[:16]!r})")
-        reply = json.loads(await self.stdout.receive_exactly(int(header)))
+        data = await self.stdout.receive_exactly(int(header))
+        try:
+            reply = json.loads(data)
+        except (ValueError, RecursionError) as e:  # a forged reply is the cell's problem, not ours
+            raise SandboxError(
+                f"the interpreter broke the protocol (unreadable reply: {type(e).__name__})"
+            ) from e
         if not isinstance(reply, dict):
             raise SandboxError("the interpreter broke the protocol (reply is not an object)")
         return reply
@@ -148,7 +155,7 @@ class Kernel:
         try:
             with anyio.fail_after(START_TIMEOUT_S):
                 reply = await self._receive()
-        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError) as e:
+        except _GONE as e:
             raise SandboxError(
                 f"the interpreter exited during set-up (code {self.process.returncode})"
             ) from e
@@ -171,17 +178,10 @@ class Kernel:
             with anyio.fail_after(timeout_s):
                 await self.stdin.send(b"%d\n" % len(data) + data)
                 reply = await self._receive()
-        except (
-            anyio.EndOfStream,
-            anyio.IncompleteRead,
-            anyio.BrokenResourceError,
-            anyio.DelimiterNotFound,
-        ) as e:
+        except _GONE as e:
             with anyio.move_on_after(1, shield=True):
                 await self.process.wait()
             raise SandboxError(_death(self.process.returncode)) from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SandboxError("the interpreter broke the protocol (unreadable reply)") from e
         output, error, dropped = reply.get("output"), reply.get("error"), reply.get("dropped", 0)
         if not isinstance(output, str) or not (error is None or isinstance(error, str)):
             raise SandboxError("the interpreter broke the protocol (bad reply fields)")
@@ -258,31 +258,40 @@ class Sandbox:
         Raises:
             SandboxError: it could not start.
         """
-        workdir = tempfile.mkdtemp(prefix="pipeline-cell-")
-        if os.geteuid() == 0:  # the kernel drops to nobody: its working directory must be its own
-            try:
-                import pwd
-
-                nobody = pwd.getpwnam("nobody")
-                os.chown(workdir, nobody.pw_uid, nobody.pw_gid)
-            except (KeyError, OSError):
-                pass
+        if self._closed:
+            raise SandboxError("the sandbox has stopped")
         try:
-            process = await anyio.open_process(
-                [sys.executable, "-I", str(KERNEL), json.dumps(self._limits())],
-                cwd=workdir,
-                env=stripped_env(workdir),
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            workdir = tempfile.mkdtemp(prefix="pipeline-cell-")
         except OSError as e:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise SandboxError(f"cannot start an interpreter: {e}") from e
-        kernel = Kernel(process, workdir)
+            raise SandboxError(f"cannot make a working directory: {e}") from e
+        kernel: Kernel | None = None
         try:
+            if os.geteuid() == 0:  # the kernel drops to nobody: its working directory must be its own
+                try:
+                    import pwd
+
+                    nobody = pwd.getpwnam("nobody")
+                    os.chown(workdir, nobody.pw_uid, nobody.pw_gid)
+                except (KeyError, OSError):
+                    pass
+            try:
+                process = await anyio.open_process(
+                    [sys.executable, "-I", str(KERNEL), json.dumps(self._limits())],
+                    cwd=workdir,
+                    env=stripped_env(workdir),
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            except OSError as e:
+                raise SandboxError(f"cannot start an interpreter: {e}") from e
+            kernel = Kernel(process, workdir)
             await kernel.ready()
         except BaseException:
-            await kernel.kill()
+            if kernel is not None:
+                await kernel.kill()  # removes the working directory too
+            else:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
             raise
         self.stats.started += 1
         return kernel
@@ -308,8 +317,10 @@ class Sandbox:
     async def _start_one(self) -> None:
         try:
             kernel = await self.spawn()
-        except SandboxError as e:
+        except BaseException as e:
             self._live -= 1
+            if not isinstance(e, SandboxError):
+                raise
             self._failures += 1
             self._last_error = str(e)
             self._notify()
@@ -330,6 +341,8 @@ class Sandbox:
             SandboxError: interpreters keep failing to start.
         """
         while True:
+            if self._closed:
+                raise SandboxError("the sandbox has stopped")
             if self._idle:
                 return self._idle.pop()
             if self._failures >= SPAWN_FAILURES:

@@ -5,12 +5,17 @@ libraries (so a cell starts in milliseconds), then closes itself in, in this ord
 
 1. as root: a private network namespace (no interfaces but loopback, so no network), then the uid and
    gid of ``nobody`` with no supplementary groups (the parent's files and ``/proc/<pid>/environ`` are no
-   longer readable, and no signal can reach the parent);
+   longer readable, and no signal can reach the parent). Where the Python installation lies under a
+   directory others cannot enter (a pyenv under ``/root``), a private mount namespace first shows the
+   installation at its own path and hides the rest of that directory (``_reveal``); if even that is not
+   allowed, the kernel stays root, and says so;
 2. resource limits: address space, CPU seconds (the kernel's whole life), file size, no core files, no
    new processes (``RLIMIT_NPROC = 0``: ``fork`` fails with EAGAIN for a non-root uid);
 3. an audit hook (PEP 578) that refuses, from Python: starting processes, sockets, signals to other
-   processes, ``ctypes`` calls, writing or deleting outside the working directory, and reading other
-   processes' ``/proc`` entries. Hooks cannot be removed once added. They are defence in depth on top
+   processes, ``ctypes`` calls, changing directory, opening directories, writing or deleting outside
+   the working directory, and reading other processes' ``/proc`` entries; calls that raise no audit
+   event (``os.mkfifo``, ``os.pidfd_open``, ``_posixsubprocess``) are removed. Hooks cannot be removed
+   once added. They are defence in depth on top
    of the OS limits above, which are the boundary; where the pipeline does not run as root (no uid
    drop, no network namespace) the hook is what stops sockets, so run untrusted models in a container
    if they may be hostile.
@@ -31,10 +36,17 @@ import os
 import resource
 import signal
 import sys
+import tempfile
+import threading
 import traceback
 from typing import Any
 
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWNS = 0x00020000
+_MS_BIND = 4096
+_MS_REC = 16384
+_MS_PRIVATE = 1 << 18
+_MNT_DETACH = 2
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 _PATH_EVENTS = {
     "os.remove": 1,
@@ -81,6 +93,8 @@ _REFUSED = {
     "os.killpg": "signals",
     "signal.pthread_kill": "signals",
     "os.add_dll_directory": "ctypes",
+    "os.chdir": "changing the working directory",
+    "os.chroot": "changing the root directory",
     "resource.setrlimit": "changing resource limits",
     "resource.prlimit": "changing resource limits",
 }
@@ -135,19 +149,29 @@ def _other_proc(path: Any) -> bool:
     return head not in ("self", "thread-self", str(os.getpid())) and head.isdigit()
 
 
+def _refuse_dir_outside(path: Any, root: str) -> bool:
+    """A directory outside the working directory opened as a descriptor (a ``dir_fd`` for escaping)."""
+    if isinstance(path, int) or _inside(path, root):
+        return False
+    try:
+        return os.path.isdir(os.fsdecode(path))
+    except (TypeError, ValueError):
+        return False
+
+
 def _install_hook(root: str) -> None:
     me = os.getpid()
-    busy = [False]
+    local = threading.local()  # per thread: another thread's events are never skipped
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
-        if busy[0]:
-            return
         what = _REFUSED.get(event)
         if what is not None:
-            if event in ("os.kill", "os.killpg") and args and args[0] in (me, 0) and event == "os.kill":
+            if event == "os.kill" and args and args[0] in (me, 0):
                 return  # a signal to itself is allowed (it only hurts this kernel)
             raise PermissionError(f"sandbox: {what} is not allowed ({event})")
-        busy[0] = True
+        if getattr(local, "busy", False):  # the checks below raise events of their own
+            return
+        local.busy = True
         try:
             if event == "open":
                 path, mode, flags = ([*list(args), None, None, None])[:3]
@@ -158,16 +182,74 @@ def _install_hook(root: str) -> None:
                     raise PermissionError(f"sandbox: writing outside the working directory ({path})")
                 if _other_proc(path):
                     raise PermissionError(f"sandbox: reading another process's /proc entry ({path})")
+                if isinstance(flags, int) and _refuse_dir_outside(path, root):
+                    raise PermissionError(
+                        f"sandbox: opening a directory outside the working directory ({path})"
+                    )
             elif event in _PATH_EVENTS:
                 for p in args[: _PATH_EVENTS[event]]:
                     if not _inside(p, root):
                         raise PermissionError(f"sandbox: changing files outside the working directory ({p})")
+            elif event == "sqlite3.connect" and args and args[0] != ":memory:" and not _inside(args[0], root):
+                raise PermissionError(f"sandbox: a database outside the working directory ({args[0]})")
             elif event == "os.listdir" and args and _other_proc(args[0]):
                 raise PermissionError("sandbox: listing another process's /proc entry")
         finally:
-            busy[0] = False
+            local.busy = False
 
     sys.addaudithook(hook)
+    # calls that raise no audit event: gone from the modules the cell can reach
+    for module, names in (
+        (os, ("mkfifo", "mknod", "pidfd_open", "setxattr", "removexattr")),
+        (signal, ("pidfd_send_signal",)),
+    ):
+        for name in names:
+            if hasattr(module, name):
+                delattr(module, name)
+    sys.modules["_posixsubprocess"] = None  # type: ignore[assignment]
+    sys.modules["_posixshmem"] = None  # type: ignore[assignment]
+
+
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True), ctypes
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        import ctypes
+
+        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+
+
+def _reveal(unreadable: list[str]) -> None:
+    """In a private mount namespace, make the Python installation readable to ``nobody`` without
+    changing any path: for each directory ``A`` that others cannot enter (``/root``), the entry under it
+    that leads to Python (``/root/.pyenv``) is bind-mounted aside, a fresh empty tmpfs (mode 0755) is
+    mounted over ``A`` (hiding the rest of it: keys, tokens, caches), and the entry is mounted back
+    at its own path. The pipeline's own view of the files is untouched."""
+    libc, _ = _libc()
+    _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    done: set[tuple[str, str]] = set()
+    for entry in unreadable:
+        p = os.path.realpath(entry)
+        parts = p.split(os.sep)
+        for i in range(2, len(parts)):
+            closed = os.sep.join(parts[:i]) or os.sep
+            if not os.stat(closed).st_mode & 0o001:
+                child = os.sep.join(parts[: i + 1])
+                if (closed, child) not in done:
+                    done.add((closed, child))
+                    stash = tempfile.mkdtemp(prefix="pipeline-reveal-")
+                    _check(libc.mount(child.encode(), stash.encode(), None, _MS_BIND | _MS_REC, None), "bind")
+                    _check(libc.mount(b"tmpfs", closed.encode(), b"tmpfs", 0, b"mode=0755,size=1m"), "tmpfs")
+                    os.makedirs(child, exist_ok=True)
+                    _check(libc.mount(stash.encode(), child.encode(), None, _MS_BIND | _MS_REC, None), "bind")
+                    _check(libc.umount2(stash.encode(), _MNT_DETACH), "umount")
+                    os.rmdir(stash)
+                break
 
 
 def _confine(limits: dict[str, Any], root: str) -> list[str]:
@@ -175,19 +257,21 @@ def _confine(limits: dict[str, Any], root: str) -> list[str]:
     missing: list[str] = []
     if os.geteuid() == 0:
         try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
+            libc, ctypes = _libc()
             if libc.unshare(_CLONE_NEWNET) != 0:
                 missing.append(f"network namespace ({os.strerror(ctypes.get_errno())})")
         except OSError as e:
             missing.append(f"network namespace ({e})")
         unreadable = [p for p in sys.path if os.path.exists(p) and not _world_readable(p)]
-        if unreadable:  # as nobody, every import not done yet would fail
-            missing.append(
-                f"uid nobody (the Python installation in {unreadable[0]} is not readable by others)"
-            )
-            return missing + _limit(limits)
+        if unreadable:  # as nobody, every import not done yet would fail: make it readable first
+            try:
+                _reveal(unreadable)
+            except OSError as e:
+                missing.append(
+                    f"uid nobody (the Python installation in {unreadable[0]} is not readable "
+                    f"by others, and a mount namespace to show it failed: {e})"
+                )
+                return missing + _limit(limits)
         try:
             import pwd
 
@@ -239,9 +323,9 @@ def _limit(limits: dict[str, Any]) -> list[str]:
     return missing
 
 
-def _last_lines(text: str, n: int = 4) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return "\n".join(lines[-n:])
+def _last_lines(text: str, n: int = 4, width: int = 300) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()][-n:]
+    return "\n".join(ln if len(ln) <= width else ln[: width - 3] + "..." for ln in lines)
 
 
 def run_cell(code: str, namespace: dict[str, Any], limit: int) -> dict[str, Any]:

@@ -13,6 +13,7 @@ are dropped here, so the bookkeeping of each problem ends when all its samples a
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,16 +67,15 @@ class Tally:
 
 def tally(candidates: Sequence[Candidate], cfg: VoteConfig | None = None) -> Tally:
     """Count the valid answers of ``candidates`` with their weights (all 1 without ``cfg``)."""
-    weights: dict[int, float] = {}
-    counts: dict[int, int] = {}
-    first: dict[int, int] = {}
+    parts: dict[int, list[tuple[int, float]]] = {}
     for c in candidates:
-        if c.answer is None:
-            continue
-        a = c.answer
-        weights[a] = weights.get(a, 0.0) + (weight(c, cfg) if cfg is not None else 1.0)
-        counts[a] = counts.get(a, 0) + 1
-        first[a] = min(first.get(a, c.generation.index), c.generation.index)
+        if c.answer is not None:
+            w = weight(c, cfg) if cfg is not None else 1.0
+            parts.setdefault(c.answer, []).append((c.generation.index, w))
+    # sums in sample order (math.fsum): the same totals whatever order the samples finished in
+    weights = {a: math.fsum(w for _, w in sorted(ws)) for a, ws in parts.items()}
+    counts = {a: len(ws) for a, ws in parts.items()}
+    first = {a: min(i for i, _ in ws) for a, ws in parts.items()}
     return Tally(weights, counts, first)
 
 

@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from pipeline.config import SandboxConfig
-from stages.sandbox import CellResult, Sandbox
+from stages.sandbox import CellResult, Sandbox, SandboxError
 
 pytestmark = pytest.mark.anyio
 
@@ -152,3 +152,31 @@ async def test_a_pool_keeps_warm_interpreters_and_replaces_each_one_given_back()
                 await anyio.sleep(0.05)
         assert sb.stats.started == 3
         tg.cancel_scope.cancel()
+
+
+async def test_a_forged_reply_or_a_huge_error_cannot_hurt_the_parent():
+    sb = sandbox()
+    s = sb.session()
+    try:
+        with anyio.fail_after(60):
+            forged = await s.run("import os\nos.write(4, b'200000\\n' + b'[' * 200000)")
+            huge = await s.run("raise ValueError('x' * 200_000)")
+    finally:
+        await s.aclose()
+    assert forged.restarted and "broke the protocol" in (forged.error or "")
+    assert huge.error is not None and len(huge.error) < 2000  # the kernel keeps the last lines, short
+    assert len(huge.for_model(1000)) < 2100
+
+
+async def test_an_interpreter_cancelled_while_starting_leaves_no_working_directory(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    sb = sandbox()
+    async with anyio.create_task_group() as tg:
+        await tg.start(sb.serve)
+        await anyio.sleep(0)
+        tg.cancel_scope.cancel()
+    assert list(tmp_path.iterdir()) == [] and sb._live == 0
+    with pytest.raises(SandboxError, match="stopped"):
+        await sb.acquire()

@@ -86,6 +86,10 @@ ATTACKS = {
     "kill": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
     "network": "import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'pwned')",
     "flood": "print('x' * 100_000_000)",
+    "chdir": "import os\nos.chdir('/tmp')\nopen('{outside_name}', 'w').write('pwned')",
+    "dirfd": "import os\nd = os.open('/tmp', os.O_RDONLY)\n"
+    "os.write(os.open('{outside_name}', os.O_WRONLY | os.O_CREAT, dir_fd=d), b'pwned')",
+    "pidfd": "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)",
 }
 
 
@@ -101,7 +105,13 @@ async def test_attacks_through_the_pipeline_are_contained_and_other_answers_are_
     port = server.getsockname()[1]
     records = []
     for name, code in ATTACKS.items():
-        records.append({"id": name, "round": 0, "text": cell(code.format(outside=outside, port=port))})
+        records.append(
+            {
+                "id": name,
+                "round": 0,
+                "text": cell(code.format(outside=outside, outside_name=outside.name, port=port)),
+            }
+        )
         records.append({"id": name, "round": 1, "text": "Moving on: \\boxed{7}"})
     records.append({"id": "honest", "round": 0, "text": cell("print(sum(range(10)))")})
     records.append({"id": "honest", "round": 1, "text": "So \\boxed{45}"})
@@ -126,6 +136,9 @@ async def test_attacks_through_the_pipeline_are_contained_and_other_answers_are_
     assert "PermissionError" in errors["kill"]
     assert "network access is not allowed" in errors["network"]
     assert errors["flood"] == ""  # printing is allowed; only what the model sees is capped
+    assert "changing the working directory is not allowed" in errors["chdir"]
+    assert "opening a directory outside the working directory" in errors["dirfd"] and not outside.exists()
+    assert "AttributeError" in errors["pidfd"]  # calls no audit hook sees are gone from the modules
     with pytest.raises(BlockingIOError):
         server.accept()  # nothing connected
     server.close()

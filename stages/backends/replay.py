@@ -30,7 +30,7 @@ from stages.backends.base import Backend, BackendError, Completion, FinishReason
 from stages.prompting import answer_end
 
 _WORD = re.compile(r"\S+\s*|\s+")
-_REASONS = ("eos", "length", "stop", "answer")
+_REASONS = ("eos", "length", "stop", "answer", "aborted")
 Key = tuple[str, int | None, int]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from pipeline.config import SandboxConfig
@@ -175,7 +176,7 @@ async def test_an_interpreter_cancelled_while_starting_leaves_no_working_directo
     sb = sandbox()
     async with anyio.create_task_group() as tg:
         await tg.start(sb.serve)
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         tg.cancel_scope.cancel()
     assert list(tmp_path.iterdir()) == [] and sb._live == 0
     with pytest.raises(SandboxError, match="stopped"):

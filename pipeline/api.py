@@ -241,6 +241,18 @@ class Pipeline:
             self._engine = None
         return None
 
+    def metrics(self) -> dict[str, Any]:
+        """Queue depths per stream, time waiting per stage, batch fill, sandbox and memory figures
+        (see ``pipeline.metrics``); the memory plan's derivation when there is one.
+
+        Raises:
+            PipelineError: the pipeline is not running.
+        """
+        out = self.engine.metrics()
+        if self.memory_plan is not None:
+            out["memory_plan"] = self.memory_plan.describe()
+        return out
+
     def abort(self) -> None:
         """Stop now: cancel every stream's feeder and every stage; in-flight work is dropped.
 

@@ -67,6 +67,7 @@ _FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "prefix_caching": ("vllm", "enable_prefix_caching"),
     "verify_workers": ("run", "verify_workers"),
     "queue_size": ("run", "queue_size"),
+    "cleanup_every": ("run", "cleanup_every"),
     "replay": ("model", "replay"),
     "record": ("model", "record"),
     "replay_speed": ("model", "replay_speed"),
@@ -118,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--memory-gb", type=float, help="memory budget for weights + KV cache (default 16)")
+    g.add_argument(
+        "--memory-budget",
+        dest="memory_gb",
+        type=size_gib,
+        help="memory for weights + KV cache: 16GiB (default), 8GB, 512MiB; GPU memory on CUDA, host on CPU",
+    )
+    g.add_argument("--memory-gb", type=float, help="the memory budget in GiB (same as --memory-budget)")
     g.add_argument(
         "--quantize",
         choices=["none", "fp16", "bf16", "int8", "int4"],
@@ -141,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--gpu-memory-utilization",
         type=float,
-        help="GPU memory share for vLLM (default: from --memory-gb)",
+        help="GPU memory share for vLLM (default: from --memory-budget)",
     )
     g.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     g.add_argument(
@@ -246,10 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--queue-size", type=int, help="items each stream between stages holds (default: from in-flight)"
     )
+    g.add_argument(
+        "--cleanup-every",
+        type=int,
+        help="every N results: gc.collect() and, on CUDA, torch.cuda.empty_cache() (default: never)",
+    )
     g = s.add_argument_group("output")
     g.add_argument("--log-json", action="store_true", help="machine-readable JSON logs on stderr")
     g.add_argument("--log-level", default="info", help="debug, info, warning or error")
     g.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    g.add_argument(
+        "--metrics-json",
+        help="write the summary and the metrics (queue depths, stage waits, batch fill, memory) here",
+    )
     g.add_argument(
         "--grace-s",
         type=float,
@@ -261,6 +277,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|h|m|s)")
+
+
+_SIZES = {
+    "": 2**30,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+
+
+def size_gib(text: str) -> float:
+    """GiB from ``16GiB``, ``8GB``, ``512MiB``, ``1.5TiB`` or a bare number of GiB.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else (the message shows the forms that work).
+    """
+    m = _SIZE.fullmatch(text.strip().lower())
+    if m is None or m.group(2) not in _SIZES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size; use e.g. 16GiB, 8GB, 512MiB (bare numbers: GiB)"
+        )
+    gib = float(m.group(1)) * _SIZES[m.group(2)] / 2**30
+    if not math.isfinite(gib) or gib <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a memory budget must be positive")
+    return gib
 
 
 def duration(text: str) -> float:
@@ -343,6 +391,32 @@ async def _skip_written(
     async for item in items:
         if not done.has(item.id, item.line):
             yield dedupe(item, seen)
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The few metrics the summary shows (the rest go to ``--metrics-json``)."""
+    out: dict[str, Any] = {"peak_rss_mib": metrics["memory"]["peak_rss_mib"]}
+    if "cuda_max_allocated_mib" in metrics["memory"]:
+        out["cuda_max_allocated_mib"] = metrics["memory"]["cuda_max_allocated_mib"]
+    if "batches" in metrics:
+        b = metrics["batches"]
+        out["batch_fill"] = f"{b['prompt_fill']} (mean {b['mean_rows']} rows in {b['batches']} batches)"
+    peaks = {k: f"{q['peak']}/{q['capacity']:g}" for k, q in metrics["queues"].items()}
+    out["queue_peaks"] = ", ".join(f"{k} {v}" for k, v in peaks.items())
+    waits = metrics["waits_s"]
+    out["waits_s"] = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in waits.items())
+    if "memory_plan" in metrics:
+        out["memory_plan"] = metrics["memory_plan"]
+    return out
+
+
+def _write_metrics(path: str, summary: dict[str, Any], metrics: dict[str, Any], cfg: Config) -> None:
+    data = {"summary": summary, "metrics": metrics, "config": cfg.to_dict()}
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, default=str)
+    except OSError as e:  # the answers are written; a metrics file that cannot be is a warning
+        structlog.get_logger("pipeline.cli").warning("cannot write the metrics file", path=path, error=str(e))
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -434,7 +508,11 @@ async def run_stream(args: argparse.Namespace, cfg: Config, backend: Backend | N
         if caught:
             pipeline.abort()
         summary = pipeline.stats.summary()
+        metrics = pipeline.metrics()
+    summary.update(_headline(metrics))
     _print_summary(summary)
+    if args.metrics_json:
+        _write_metrics(args.metrics_json, summary, metrics, cfg)
     logger.info("done", **summary)
     if caught:
         where = f"--output {args.output}" if args.output else "an --output file"
@@ -466,7 +544,12 @@ async def _stream_with_progress(
         async for result in pipeline.stream(items):
             await send.send(result)
             s = pipeline.stats.summary()
-            progress.update(task, advance=1, rate=f"{s['problems_per_s']:.2f}/s, errors {s['errors']}")
+            progress.update(
+                task,
+                advance=1,
+                rate=f"answered {s['answered']}, errors {s['errors']}, {s['problems_per_s']:.2f} problems/s, "
+                f"{s['new_tokens_per_s']:.0f} tokens/s",
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -201,6 +201,8 @@ class RunConfig:
     ``verify_workers`` is the number of verification worker processes. ``queue_size`` sets every
     stream between stages to that many items (``None``: sized from ``max_in_flight`` so each can hold
     all admitted work); any size works, 1 included, since admission, not queue room, bounds the work.
+    ``cleanup_every``: after every that many results, ``gc.collect()`` and, on CUDA,
+    ``torch.cuda.empty_cache()`` (the notebooks' "aggressive cleanup"; measured in the README).
     """
 
     max_in_flight: int = 64
@@ -210,8 +212,12 @@ class RunConfig:
     verify_batch: int = 64
     verify_timeout_s: float = 60.0
     queue_size: int | None = None
+    cleanup_every: int | None = None
 
     def __post_init__(self) -> None:
+        _check(
+            self.cleanup_every is None or self.cleanup_every >= 1, "run.cleanup_every", "must be at least 1"
+        )
         _check(self.max_in_flight >= 1, "run.max_in_flight", "must be at least 1")
         _check(self.queue_size is None or self.queue_size >= 1, "run.queue_size", "must be at least 1")
         _check(

@@ -16,6 +16,8 @@ routed by job serial; a caller that abandons its stream cancels the problems onl
 
 from __future__ import annotations
 
+import gc
+import sys
 import time
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass, field, replace
@@ -30,6 +32,7 @@ from pipeline.budget import TimePlanner
 from pipeline.cache import ResultCache, cache_key
 from pipeline.config import Config
 from pipeline.items import Candidate, Encoded, Generation, Job, Problem, Result, error_result
+from pipeline.metrics import QueueGauge, memory_report
 from stages import tokenization, vote
 from stages.backends.base import Backend
 from stages.inference import Inference
@@ -54,6 +57,8 @@ class RunStats:
     early_stops: int = 0
     cells: int = 0
     out_of_time: int = 0
+    cleanups: int = 0
+    cleanup_s: float = 0.0
 
     def record(self, r: Result) -> None:
         """Count one delivered result."""
@@ -91,6 +96,8 @@ class RunStats:
             out["code_cells"] = self.cells
         if self.out_of_time:
             out["answered_after_the_budget"] = self.out_of_time
+        if self.cleanups:
+            out["cleanups"] = f"{self.cleanups} ({self.cleanup_s:.2f} s)"
         if self.graded:
             out["accuracy"] = round(self.correct / self.graded, 4)
             out["graded"] = self.graded
@@ -168,6 +175,16 @@ class Engine:
         self._generations = anyio.create_memory_object_stream[Generation | Result](rows)
         self._candidates = anyio.create_memory_object_stream[Candidate | Result](rows)
         self._results = anyio.create_memory_object_stream[Result](cap)
+        self.gauge = QueueGauge(
+            {
+                "jobs": self._jobs_send,
+                "encoded": self._encoded[0],
+                "generations": self._generations[0],
+                "candidates": self._candidates[0],
+                "results": self._results[0],
+            }
+        )
+        self.admit_wait_s = 0.0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start the backend's scheduler, then every stage; return once ``close()`` has let the stages
@@ -188,6 +205,7 @@ class Engine:
                 raise
             if self.sandbox is not None:
                 await outer.start(self.sandbox.serve)
+            await outer.start(self.gauge.run)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(tokenization.run, self._jobs_receive, enc_send, self.backend, self.cfg)
                 tg.start_soon(self.inference.run, enc_receive, gen_send)
@@ -206,6 +224,53 @@ class Engine:
                 end.close()
         self._jobs_receive.close()
         self._jobs_send.close()
+
+    def metrics(self) -> dict[str, Any]:
+        """Queue depths per stream, time waiting per stage, batch fill, sandbox and memory figures."""
+        inf = self.inference.stats
+        out: dict[str, Any] = {
+            "queues": self.gauge.report(),
+            "waits_s": {
+                "admission_slot": round(self.admit_wait_s, 3),
+                "request_slot": round(inf.queue_wait_s, 3),
+                "verification_busy": round(self.verification.busy_s, 3),
+            },
+            "inference": {
+                "requests": inf.requests,
+                "rounds": inf.rounds,
+                "completed": inf.completed,
+                "failed": inf.failed,
+                "aborted": inf.aborted,
+                "never_started": inf.skipped,
+                "peak_in_flight": inf.peak_in_flight,
+                "new_tokens": inf.new_tokens,
+            },
+            "memory": memory_report(),
+        }
+        st: Any = getattr(getattr(self.backend, "scheduler", None), "stats", None)
+        if st is not None and st.rows:
+            real = st.prompt_tokens
+            out["batches"] = {
+                "batches": st.batches,
+                "rows": st.rows,
+                "mean_rows": round(st.rows / max(1, st.batches), 2),
+                "prompt_fill": round(real / max(1, real + st.padded_tokens), 3),
+                "model_busy_s": round(st.busy_s, 3),
+                "oom_splits": st.oom_splits,
+            }
+        if self.sandbox is not None:
+            sb = self.sandbox.stats
+            out["sandbox"] = {
+                "cells": sb.cells,
+                "errors": sb.errors,
+                "timeouts": sb.timeouts,
+                "crashes": sb.crashes,
+                "interpreters_started": sb.started,
+                "cell_seconds": round(sb.cell_seconds, 3),
+                "interpreter_wait_s": round(sb.wait_s, 3),
+            }
+            out["waits_s"]["sandbox_interpreter"] = round(sb.wait_s, 3)
+        return out
 
     def close(self) -> None:
         """No more jobs: the stages finish what they hold and exit."""
@@ -228,7 +293,9 @@ class Engine:
             route.finish_if_done()
 
     async def _admit(self, item: Problem | Result, route: Route) -> None:
+        waited = time.perf_counter()
         await self.slots.acquire()
+        self.admit_wait_s += time.perf_counter() - waited
         route.outstanding += 1
         try:
             if isinstance(item, Result):
@@ -334,9 +401,24 @@ class Engine:
         route.outstanding -= 1
         route.finish_if_done()
 
+    def cleanup(self) -> None:
+        """``gc.collect()`` and, where torch uses CUDA, ``torch.cuda.empty_cache()``."""
+        started = time.perf_counter()
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.stats.cleanups += 1
+        self.stats.cleanup_s += time.perf_counter() - started
+
     async def _route_results(self, receive: Any) -> None:
+        every = self.cfg.run.cleanup_every
+        routed = 0
         async with receive:
             async for result in receive:
+                routed += 1
+                if every is not None and routed % every == 0:
+                    self.cleanup()
                 serial = result.serial
                 if serial is None:
                     continue

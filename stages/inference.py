@@ -55,6 +55,7 @@ class InferenceStats:
         self.peak_in_flight = 0
         self.rounds = 0
         self.skipped = 0
+        self.queue_wait_s = 0.0
 
 
 class TokenGate:
@@ -289,6 +290,7 @@ class Inference:
             s.skipped += 1
             started = time.perf_counter()
         queue_s = started - waited
+        s.queue_wait_s += queue_s
         elapsed = time.perf_counter() - started
         s.new_tokens += out.new_tokens
         if finished:

@@ -103,6 +103,7 @@ class SandboxStats:
     crashes: int = 0
     started: int = 0
     cell_seconds: float = 0.0
+    wait_s: float = 0.0
 
 
 def stripped_env(cwd: str) -> dict[str, str]:
@@ -387,7 +388,9 @@ class Session:
         sb = self.sandbox
         timeout = sb.cfg.cell_timeout_s
         if self.kernel is None:
+            waited = time.perf_counter()
             self.kernel = await sb.acquire()
+            sb.stats.wait_s += time.perf_counter() - waited
         kernel = self.kernel
         self.cells += 1
         sb.stats.cells += 1

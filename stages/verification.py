@@ -66,6 +66,7 @@ class Verification:
         self.pool = WorkerPool(cfg.run.verify_workers)
         self.batches = 0
         self.worker_failures = 0
+        self.busy_s = 0.0
 
     async def start(self) -> None:
         """Start the worker processes now, so the first batch does not pay for it."""
@@ -95,6 +96,7 @@ class Verification:
             reason = _failure(e)
         self.batches += 1
         elapsed = time.perf_counter() - started
+        self.busy_s += elapsed
         if checked is None:
             self.worker_failures += 1
             if len(gens) > 1:  # find the sample that causes the failure; the others still count

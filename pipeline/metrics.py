@@ -1,0 +1,74 @@
+"""Where work waits: queue depths per stream, batch fill, time waiting per stage, and memory.
+
+A ``QueueGauge`` samples the ``statistics()`` of every stream between stages (anyio memory streams
+report items buffered and tasks blocked sending) a few times a second, the way Ray Data reports
+per-operator queues: a stream that is often full with its producer blocked is the stage after it
+being the bottleneck. ``Engine.metrics()`` puts these together with the counters the stages keep.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+
+@dataclass
+class _Depth:
+    capacity: float
+    peak: int = 0
+    total: int = 0
+    blocked: int = 0
+
+
+class QueueGauge:
+    """Samples the named streams every ``interval_s`` while ``run`` runs."""
+
+    def __init__(self, streams: dict[str, Any], interval_s: float = 0.1) -> None:
+        self.streams = streams
+        self.interval_s = interval_s
+        self.samples = 0
+        self._depths = {name: _Depth(capacity=s.statistics().max_buffer_size) for name, s in streams.items()}
+
+    def sample(self) -> None:
+        """Record each stream's depth once."""
+        self.samples += 1
+        for name, stream in self.streams.items():
+            st = stream.statistics()
+            d = self._depths[name]
+            d.peak = max(d.peak, st.current_buffer_used)
+            d.total += st.current_buffer_used
+            d.blocked += st.tasks_waiting_send > 0
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Sample until cancelled."""
+        task_status.started()
+        while True:
+            self.sample()
+            await anyio.sleep(self.interval_s)
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """Per stream: capacity, peak and mean depth, and the share of samples with a blocked producer."""
+        n = max(1, self.samples)
+        return {
+            name: {
+                "capacity": d.capacity,
+                "peak": d.peak,
+                "mean": round(d.total / n, 2),
+                "producer_blocked": round(d.blocked / n, 3),
+            }
+            for name, d in self._depths.items()
+        }
+
+
+def memory_report() -> dict[str, float]:
+    """Peak resident memory of this process (MiB) and, on CUDA, the peak allocated by torch."""
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    torch = sys.modules.get("torch")  # only if the model already imported it
+    if torch is not None and torch.cuda.is_available():
+        out["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out

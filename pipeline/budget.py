@@ -8,10 +8,13 @@ capped by the host memory actually available.
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -151,3 +154,28 @@ class TimePlanner:
             wanted = round(self.samples * min(fair, ceiling) / even)
             samples = max(self.min_samples, min(self.max_samples, wanted))
         return TimePlan(now + share, samples, share)
+
+
+def estimate_profile(folder: Path, dtype_bytes: int) -> MemoryProfile | None:
+    """Weights and KV bytes per token of a Hugging Face folder without loading it: parameter counts
+    from the safetensors headers (shapes only), KV from ``config.json``; ``None`` when unreadable."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        params = 0
+        for f in sorted(folder.glob("*.safetensors")):
+            with f.open("rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    params += math.prod(info["shape"])
+        layers = int(config["num_hidden_layers"])
+        heads = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+        head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+    if params == 0:
+        return None
+    return MemoryProfile(
+        weights_bytes=params * dtype_bytes, kv_bytes_per_token=2 * layers * heads * head_dim * dtype_bytes
+    )

@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -359,8 +360,47 @@ def resolve_args(args: argparse.Namespace) -> tuple[Config, dict[str, str]]:
     return resolve(getattr(args, "preset", None), getattr(args, "config", None), overrides)
 
 
+def memory_derivation(cfg: Config) -> str:
+    """How the memory budget would be spent, estimated before loading (the run's summary shows the
+    measured plan): weights from the model files' tensor shapes, KV cache from its config."""
+    from pipeline.budget import estimate_profile, plan_memory
+    from stages.backends.models import DEFAULT_MODEL_NAME, cache_root
+
+    m = cfg.model
+    budget = f"memory budget {m.memory_gb:g} GiB"
+    if m.backend == "replay":
+        return f"{budget}; the replay backend holds no model"
+    if m.path is None:
+        folder = cache_root() / "models" / DEFAULT_MODEL_NAME
+    elif Path(m.path).expanduser().is_dir():
+        folder = Path(m.path).expanduser()
+    else:
+        return f"{budget}; the split is derived once the model file is converted (at the first run)"
+    from stages.backends.transformers_backend import choose_device_dtype
+
+    quantized = {"fp16": "float16", "bf16": "bfloat16"}.get(m.quantize)
+    device, dtype = choose_device_dtype(m.device, quantized or m.dtype)
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    profile = estimate_profile(folder, size)
+    if profile is None:
+        return f"{budget}; the split is derived when the model loads ({folder} not readable yet)"
+    try:
+        plan = plan_memory(profile, m.memory_gb, device=device)
+    except ValueError as e:
+        return f"{budget}: {e}"
+    assert plan is not None
+    cap = cfg.batch.max_batch_tokens
+    note = f" (batch.max_batch_tokens = {cap} overrides it)" if cap is not None else ""
+    return (
+        f"{plan.describe()}{note}. Estimated before loading ({device}, {dtype}): weights from the tensor "
+        f"shapes; KV per token = 2 x layers x kv heads x head dim x {size} bytes; cap = 70% of what the "
+        "budget (on CPU at most the available memory) leaves after the weights, per token of KV. "
+        "The run's summary shows the measured plan."
+    )
+
+
 def print_config(cfg: Config, sources: dict[str, str]) -> None:
-    """The resolved settings as TOML, each with where it came from."""
+    """The resolved settings as TOML, each with where it came from, then the memory derivation."""
     for section, values in cfg.to_dict().items():
         print(f"[{section}]")
         for key, value in values.items():
@@ -373,6 +413,7 @@ def print_config(cfg: Config, sources: dict[str, str]) -> None:
             line = f"{key} = {shown}" if value is not None else f"# {key} unset"
             print(f"{line:<60} # {sources[f'{section}.{key}']}")
         print()
+    print(f"# {memory_derivation(cfg)}")
 
 
 def _count_lines(path: str) -> int | None:

@@ -75,7 +75,8 @@ def bytes_per_seen_id(n: int = 100_000) -> float:
 
 
 def _row(r: dict[str, Any]) -> str:
-    return f"| {r['problems']:,} | {r['results']:,} | {r['seconds']} | {r['problems_per_s']} | {r['peak_rss_mib']} |"
+    cells = [f"{r['problems']:,}", f"{r['results']:,}", r["seconds"], r["problems_per_s"], r["peak_rss_mib"]]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def main() -> None:

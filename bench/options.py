@@ -101,8 +101,8 @@ def main() -> None:
             continue
         speed = f"{r['problems_per_s'] / base['problems_per_s']:.2f}" if base else ""
         md.append(
-            f"| {r['name']} | {r['samples']} | {r['prompt_style']} | {r['accuracy']} | {r['problems_per_s']} | "
-            f"{speed} | {r['new_tokens_per_s']} | {r['peak_rss_mib']} |"
+            f"| {r['name']} | {r['samples']} | {r['prompt_style']} | {r['accuracy']} | "
+            f"{r['problems_per_s']} | {speed} | {r['new_tokens_per_s']} | {r['peak_rss_mib']} |"
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

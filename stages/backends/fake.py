@@ -41,7 +41,20 @@ def boxed_sum_responder(text: str, nth: int) -> str:
     return f"Adding the numbers gives \\boxed{{{total}}}."
 
 
-class FakeBackend:
+class CodePoints:
+    """A tokenizer for backends without a model: a token is a code point; a prompt is the user message."""
+
+    def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The user message's code points."""
+        user = [m["content"] for m in messages if m["role"] == "user"]
+        return [ord(c) for c in user[-1]]
+
+    def encode_text(self, text: str) -> list[int]:
+        """The text's code points."""
+        return [ord(c) for c in text]
+
+
+class FakeBackend(CodePoints):
     """A ``Backend`` whose outputs come from ``responder``.
 
     ``delay_s`` is slept once per batch, ``step_s`` once per decode step (a word of output); ``fail``
@@ -83,15 +96,6 @@ class FakeBackend:
             max_size=max_batch_size,
             max_wait_s=max_wait_s,
         )
-
-    def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """The user message's code points."""
-        user = [m["content"] for m in messages if m["role"] == "user"]
-        return [ord(c) for c in user[-1]]
-
-    def encode_text(self, text: str) -> list[int]:
-        """The text's code points."""
-        return [ord(c) for c in text]
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the batch loop until cancelled."""

@@ -27,6 +27,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from stages.backends.base import Backend, BackendError, Completion, FinishReason, MemoryProfile, Request
+from stages.backends.fake import CodePoints
 from stages.prompting import answer_end
 
 _WORD = re.compile(r"\S+\s*|\s+")
@@ -34,7 +35,7 @@ _REASONS = ("eos", "length", "stop", "answer", "aborted")
 Key = tuple[str, int | None, int]
 
 
-class ReplayBackend:
+class ReplayBackend(CodePoints):
     """A ``Backend`` that answers each request with the completion recorded for its problem, sample
     and round. A request with no recording fails (that sample's failure, naming what is missing).
     ``speed`` scales the recorded ``seconds``: 1 waits them, 2 half of them, 0 answers at once."""
@@ -91,15 +92,6 @@ class ReplayBackend:
             records[(str(pid), sample, round_)] = rec
         digest = hashlib.sha256(raw).hexdigest()[:12]
         return cls(records, model_id=f"replay:{digest}", keep_requests=keep_requests, speed=speed)
-
-    def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """The user message's code points (the replay needs no tokenizer)."""
-        user = [m["content"] for m in messages if m["role"] == "user"]
-        return [ord(c) for c in user[-1]]
-
-    def encode_text(self, text: str) -> list[int]:
-        """The text's code points."""
-        return [ord(c) for c in text]
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Nothing runs in the background."""

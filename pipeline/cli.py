@@ -377,6 +377,7 @@ def memory_derivation(cfg: Config) -> str:
     """How the memory budget would be spent, estimated before loading (the run's summary shows the
     measured plan): weights from the model files' tensor shapes, KV cache from its config."""
     from pipeline.budget import estimate_profile, plan_memory
+    from stages.backends.base import MemoryProfile
     from stages.backends.models import DEFAULT_MODEL_NAME, cache_root
 
     m = cfg.model
@@ -392,9 +393,17 @@ def memory_derivation(cfg: Config) -> str:
     from stages.backends.transformers_backend import choose_device_dtype
 
     quantized = {"fp16": "float16", "bf16": "bfloat16"}.get(m.quantize)
-    device, dtype = choose_device_dtype(m.device, quantized or m.dtype)
+    try:
+        device, dtype = choose_device_dtype(m.device, quantized or m.dtype)
+    except Exception as e:  # e.g. --device cuda without CUDA: the run itself will say so
+        return f"{budget}; the split cannot be estimated here: {e}"
+    if m.quantize in ("int8", "int4") and device == "cpu":
+        dtype = "float32"  # int8 on CPU quantises float32 linear layers
     size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     profile = estimate_profile(folder, size)
+    if profile is not None and m.quantize in ("int8", "int4"):  # weights at 1 or half a byte a parameter
+        per = 1.0 if m.quantize == "int8" else 0.5
+        profile = MemoryProfile(int(profile.weights_bytes / size * per), profile.kv_bytes_per_token)
     if profile is None:
         return f"{budget}; the split is derived when the model loads ({folder} not readable yet)"
     try:
@@ -604,13 +613,12 @@ async def _run_on_ray(
         batch_size=args.ray_batch_size,
         backend=backend_spec,
     )
-    ray = await anyio.to_thread.run_sync(init_ray, options)
-    logger.info(
-        "ray",
-        address=args.ray_address or "local",
-        replicas=options.replicas,
-        resources=ray.cluster_resources(),
-    )
+    try:
+        ray = await anyio.to_thread.run_sync(init_ray, options)
+        resources = await anyio.to_thread.run_sync(ray.cluster_resources)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise PipelineError(f"cannot start or join the Ray cluster: {e}") from e
+    logger.info("ray", address=args.ray_address or "local", replicas=options.replicas, resources=resources)
     stats = RunStats()
     send, receive = anyio.create_memory_object_stream[Result](cfg.run.max_in_flight)
     async with anyio.create_task_group() as tg:
@@ -622,6 +630,8 @@ async def _run_on_ray(
     summary = stats.summary()
     summary["engine"] = f"ray, {options.replicas} replicas"
     _print_summary(summary)
+    if args.metrics_json:  # the replicas' own metrics stay on the cluster; the run's figures are here
+        _write_metrics(args.metrics_json, summary, {"engine": "ray", "replicas": options.replicas}, cfg)
     logger.info("done", **summary)
     return EXIT_OK
 
@@ -667,6 +677,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if not ray_available():
                 raise ConfigError(f"--engine ray: {INSTALL_RAY}")
+            if cfg.time.budget_s is not None or cfg.model.record is not None:
+                raise ConfigError(
+                    "--engine ray: --time-budget and --record are per process and not supported across "
+                    "replicas (use --problem-timeout; record on one machine)"
+                )
             try:
                 RayOptions(
                     replicas=args.replicas,
@@ -691,6 +706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return anyio.run(run_stream, args, cfg)
+    except KeyboardInterrupt:  # --engine ray has no grace period: what is written stays written
+        print("interrupted: the results written so far are kept; run again with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BaseException as e:
         leaf = first_leaf(e, (PipelineError, OutputError))
         if leaf is None:

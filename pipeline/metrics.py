@@ -2,8 +2,11 @@
 
 A ``QueueGauge`` samples the ``statistics()`` of every stream between stages (anyio memory streams
 report items buffered and tasks blocked sending) a few times a second, the way Ray Data reports
-per-operator queues: a stream that is often full with its producer blocked is the stage after it
-being the bottleneck. ``Engine.metrics()`` puts these together with the counters the stages keep.
+per-operator queues: where work piles up shows which stage is behind. By default every stream can hold
+all admitted work, so producers are seldom blocked there and the overall bottleneck shows as time
+waiting for admission slots; with ``run.queue_size`` smaller, ``producer_blocked`` shows it per
+stream. Peak RSS is this process's (not the vLLM engine's or Ray actors' processes), from
+``getrusage`` (KiB on Linux). ``Engine.metrics()`` puts these together with the stages' counters.
 """
 
 from __future__ import annotations

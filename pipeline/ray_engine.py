@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import sys
-import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +35,8 @@ from pipeline.items import Problem, Result, error_result
 
 INSTALL_RAY = "pip install 'aimo-pipeline[ray]' (or: pip install 'ray[data]>=2.40')"
 _NO_ANSWER = -(2**63)  # Ray Data's integer columns hold no None
-CHUNK = 4096  # problems per Ray dataset: bounds the driver's memory however long the input is
+CHUNK = 100_000  # problems per Ray dataset (and actor pool): bounds the driver's memory on long inputs
+ACTOR_RETRIES = 3
 
 
 def ray_available() -> bool:
@@ -101,7 +102,10 @@ class Solver:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         """Solve a batch of rows (``serial``, ``id``, ``problem``, ``answer``, ``line``); one result row
-        (``serial``, ``result`` as JSON) per input row, whatever happens inside."""
+        (``serial``, ``result`` as JSON) per input row, whatever happens inside. An actor whose
+        pipeline has died exits, so that Ray restarts it and retries the batch."""
+        if self._held.done():  # the model or engine died: a fresh actor, not a row of errors each time
+            os._exit(1)
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         problems = []
         for r in rows:
@@ -169,22 +173,14 @@ def init_ray(options: RayOptions) -> Any:
     return ray
 
 
-def solve_chunk(
-    items: list[tuple[int, Problem]],
-    cfg: Config,
-    options: RayOptions,
-    clock: Callable[[], float] = time.perf_counter,
-) -> list[Result]:
-    """Send one chunk through Ray Data; one result per problem, in completion order, nothing lost.
+def _retries() -> dict[str, Any]:
+    # an actor that dies is restarted and its batch retried, a few times: a batch that kills every
+    # actor it meets (an out-of-memory kill, say) must end as error results, not retry forever
+    return {"max_restarts": ACTOR_RETRIES, "max_task_retries": ACTOR_RETRIES}
 
-    Blocking (call it from a worker thread).
-    """
-    import ray.data
 
-    by_serial = dict(items)
-    results: list[Result] = []
-    ds = ray.data.from_items([_row(s, p) for s, p in items], override_num_blocks=max(1, min(len(items), 64)))
-    mapped = ds.map_batches(
+def _map(ds: Any, cfg: Config, options: RayOptions) -> Any:
+    return ds.map_batches(
         Solver,
         fn_constructor_kwargs={"config": cfg.to_dict(), "backend": options.backend},
         batch_size=options.batch_size,
@@ -192,27 +188,38 @@ def solve_chunk(
         concurrency=options.replicas,
         num_cpus=options.cpus,
         num_gpus=options.gpus or None,
-        # Ray Data's actor pool restarts an actor that dies and retries its batch (max_restarts and
-        # max_task_retries default to -1 there); what still fails is caught below
+        ray_remote_args_fn=_retries,
     )
+
+
+def solve_chunk(
+    items: list[tuple[int, Problem]], cfg: Config, options: RayOptions, emit: Callable[[Result], None]
+) -> None:
+    """Send one chunk through Ray Data and ``emit`` each problem's result as it comes back (nothing
+    lost: what fails or never comes back is emitted as an error result). Blocking: run it in a
+    worker thread."""
+    import ray.data
+
+    by_serial = dict(items)
+    ds = ray.data.from_items([_row(s, p) for s, p in items], override_num_blocks=max(1, min(len(items), 64)))
+    with warnings.catch_warnings():  # Ray marks its remote-args hooks deprecated; they still work
+        warnings.simplefilter("ignore", DeprecationWarning)
+        mapped = _map(ds, cfg, options)
     try:
         for row in mapped.iter_rows():
             serial = int(row["serial"])
             p = by_serial.pop(serial, None)
-            if p is None:
-                continue  # a retried batch's second answer
-            results.append(_from_json(json.loads(row["result"]), p))
+            if p is not None:  # None: a retried batch's second answer
+                emit(_from_json(json.loads(row["result"]), p))
     except Exception as e:  # the chunk failed on the cluster: what has no result gets an error
-        reason = f"lost on the Ray cluster: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        first = str(e).splitlines()[0] if str(e) else ""
+        reason = f"lost on the Ray cluster: {type(e).__name__}: {first}"
         structlog.get_logger("pipeline.ray").error("a chunk failed on the cluster", error=reason)
-        for p in by_serial.values():
-            results.append(error_result(p.id, reason, line=p.line, gold=p.answer))
+        for p in list(by_serial.values()):
+            emit(error_result(p.id, reason, line=p.line, gold=p.answer))
         by_serial.clear()
     for p in by_serial.values():  # sent, never came back
-        results.append(
-            error_result(p.id, "lost on the Ray cluster: no result came back", line=p.line, gold=p.answer)
-        )
-    return results
+        emit(error_result(p.id, "lost on the Ray cluster: no result came back", line=p.line, gold=p.answer))
 
 
 def _from_json(d: dict[str, Any], p: Problem) -> Result:
@@ -238,24 +245,42 @@ def _from_json(d: dict[str, Any], p: Problem) -> Result:
 async def stream_on_ray(
     items: AsyncIterator[Problem | Result], cfg: Config, options: RayOptions
 ) -> AsyncIterator[Result]:
-    """Parse-level results at once; problems in chunks through Ray. Duplicate ids follow the local
-    policy (``RecordConverter``)."""
+    """Parse-level results at once; problems in chunks through Ray, each result as soon as it is
+    back. Duplicate ids follow the local policy (``RecordConverter``)."""
     from stages.parse import RecordConverter
 
     convert = RecordConverter()
-    chunk: list[tuple[int, Problem]] = []
-    serial = 0
-    async for item in items:
-        converted = convert(item)
-        if isinstance(converted, Result):
-            yield converted
-            continue
-        chunk.append((serial, converted))
-        serial += 1
-        if len(chunk) >= CHUNK:
-            for r in await anyio.to_thread.run_sync(solve_chunk, chunk, cfg, options):
-                yield r
-            chunk = []
-    if chunk:
-        for r in await anyio.to_thread.run_sync(solve_chunk, chunk, cfg, options):
-            yield r
+    send, receive = anyio.create_memory_object_stream[Result | None](
+        options.batch_size * options.replicas * 4
+    )
+
+    def emit(result: Result) -> None:  # from the Ray thread into this loop
+        anyio.from_thread.run(send.send, result)
+
+    async def run_chunk(chunk: list[tuple[int, Problem]]) -> None:
+        await anyio.to_thread.run_sync(solve_chunk, chunk, cfg, options, emit)
+        await send.send(None)
+
+    async def produce(tg: Any) -> None:
+        chunk: list[tuple[int, Problem]] = []
+        serial = 0
+        async for item in items:
+            converted = convert(item)
+            if isinstance(converted, Result):
+                await send.send(converted)
+                continue
+            chunk.append((serial, converted))
+            serial += 1
+            if len(chunk) >= CHUNK:
+                await run_chunk(chunk)
+                chunk = []
+        if chunk:
+            await run_chunk(chunk)
+        send.close()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(produce, tg)
+        async with receive:
+            async for result in receive:
+                if result is not None:
+                    yield result

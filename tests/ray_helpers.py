@@ -25,3 +25,16 @@ class _DiesOnce(FakeBackend):
 def dies_once() -> FakeBackend:
     """A scripted model whose first request kills the actor process it runs in (once per cluster)."""
     return _DiesOnce(record=False)
+
+
+class _AlwaysDies(FakeBackend):
+    async def generate(self, request):
+        text = "".join(map(chr, request.prompt_ids))
+        if "poison" in text:  # this problem kills every actor that tries it
+            os._exit(1)
+        return await super().generate(request)
+
+
+def poison() -> FakeBackend:
+    """A scripted model that dies on any problem mentioning "poison", every time."""
+    return _AlwaysDies(record=False)

@@ -134,3 +134,16 @@ def test_the_real_model_on_two_replicas_gives_the_local_greedy_answers(cluster, 
         local_backend.close()
     assert {r["id"]: r["answer"] for r in on_ray} == {r["id"]: r["answer"] for r in local}
     assert len(on_ray) == 4
+
+
+def test_a_problem_that_kills_every_actor_ends_as_error_results_not_a_hang(cluster, tmp_path: Path):
+    src = tmp_path / "in.jsonl"
+    rows = [{"id": f"p{i}", "problem": f"What is {i} + 1?"} for i in range(6)]
+    rows.insert(2, {"id": "bad", "problem": "poison"})
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run(
+        tmp_path, src, "--engine", "ray", "--ray-batch-size", "1", backend_spec="tests.ray_helpers:poison"
+    )
+    by_id = {r["id"]: r for r in out}
+    assert set(by_id) == {r["id"] for r in rows}  # every id once: nothing lost, nothing hung
+    assert by_id["bad"]["status"] == "error" and "lost on the Ray cluster" in by_id["bad"]["error"]

@@ -6,7 +6,7 @@ per-operator queues: where work piles up shows which stage is behind. By default
 all admitted work, so producers are seldom blocked there and the overall bottleneck shows as time
 waiting for admission slots; with ``run.queue_size`` smaller, ``producer_blocked`` shows it per
 stream. Peak RSS is this process's (not the vLLM engine's or Ray actors' processes), from
-``getrusage`` (KiB on Linux). ``Engine.metrics()`` puts these together with the stages' counters.
+``VmHWM`` (Linux) or ``getrusage``. ``Engine.metrics()`` puts these together with the stages' counters.
 """
 
 from __future__ import annotations
@@ -68,9 +68,22 @@ class QueueGauge:
         }
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident memory in KiB: ``VmHWM`` where Linux has it (``ru_maxrss`` carries
+    the forking parent's peak over an exec), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
 def memory_report() -> dict[str, float]:
     """Peak resident memory of this process (MiB) and, on CUDA, the peak allocated by torch."""
-    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out = {"peak_rss_mib": round(peak_rss_kib() / 1024, 1)}
     torch = sys.modules.get("torch")  # only if the model already imported it
     if torch is not None and torch.cuda.is_available():
         out["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -15,10 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from stages.backends.base import MemoryProfile
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 GIB = 1024**3
 
@@ -73,6 +77,17 @@ def plan_memory(
     )
 
 
+def share_of(
+    left_s: float, to_come: int, *, base_s: float = 0.0, ceiling_s: float = math.inf, parallel: int = 1
+) -> tuple[float, float]:
+    """``(share, fair)``: the fair share is ``left_s`` spread over the problems to come in waves of
+    ``parallel``; the share keeps it between ``base_s`` and ``ceiling_s`` and never past ``left_s``.
+    Used by the run's ``TimePlanner`` and the Kaggle ``predict()``'s ``TimeBudget``."""
+    left_s = max(0.0, left_s)
+    fair = left_s / math.ceil(max(1, to_come) / max(1, parallel))
+    return min(max(min(fair, ceiling_s), min(base_s, left_s)), left_s), fair
+
+
 @dataclass(frozen=True)
 class TimePlan:
     """One problem's share of the run's time: its deadline (a ``time.perf_counter()`` value, ``None``
@@ -122,6 +137,26 @@ class TimePlanner:
         self.end = self.started + budget_s if budget_s is not None else None
         self.planned = 0
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> TimePlanner | None:
+        """The planner of ``cfg``'s ``[time]`` section (ceiling ``run.problem_timeout_s``), or ``None``
+        without a time budget."""
+        t = cfg.time
+        if t.budget_s is None:
+            return None
+        return cls(
+            budget_s=t.budget_s,
+            expected=t.expected_problems,
+            parallel=cfg.run.max_in_flight,
+            samples=cfg.generation.samples,
+            greedy=cfg.generation.greedy,
+            base_s=t.base_s,
+            ceiling_s=cfg.run.problem_timeout_s,
+            margin_s=t.margin_s,
+            min_samples=t.min_samples,
+            max_samples=t.max_samples,
+        )
+
     def spent(self) -> bool:
         """True once the budget (less its margin) is used up: new problems get the fallback at once."""
         return self.end is not None and self.clock() >= self.end - self.margin_s
@@ -144,9 +179,13 @@ class TimePlanner:
         if self.expected is None:  # a stream of unknown length: the ceiling, within what is left
             share = min(ceiling, left)
             return TimePlan(now + share, self.samples, share)
-        to_come = max(1, self.expected - self.planned + 1)
-        fair = left / math.ceil(to_come / self.parallel)
-        share = min(max(min(fair, ceiling), min(self.base_s, left)), left)
+        share, fair = share_of(
+            left,
+            self.expected - self.planned + 1,
+            base_s=self.base_s,
+            ceiling_s=ceiling,
+            parallel=self.parallel,
+        )
         samples = self.samples
         assert self.budget_s is not None
         even = self.budget_s / math.ceil(self.expected / self.parallel)

@@ -43,6 +43,7 @@ from typing import Any
 
 import structlog
 
+from pipeline.budget import share_of
 from pipeline.config import Config
 from pipeline.items import Problem, Result
 
@@ -145,10 +146,13 @@ class TimeBudget:
         """Seconds the next problem may take."""
         if self.total_s is None:
             return self.max_share_s
-        usable = max(0.0, self.left() - self.reserve_s)
-        remaining = max(1, self.expected - self.done)
-        fair = usable / remaining
-        return max(0.0, min(usable, self.max_share_s, max(self.min_share_s, fair)))
+        share, _ = share_of(
+            self.left() - self.reserve_s,
+            self.expected - self.done,
+            base_s=self.min_share_s,
+            ceiling_s=self.max_share_s,
+        )
+        return share
 
     def finished_one(self) -> None:
         """One more problem answered (what it did not use stays in the pool)."""

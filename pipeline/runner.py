@@ -140,21 +140,7 @@ class Engine:
         if cfg.generation.prompt_style == "tir":
             size = cfg.sandbox.pool_size or max(2, 2 * cfg.generation.samples)
             self.sandbox = Sandbox(cfg.sandbox, size, max_cells=cfg.generation.max_rounds)
-        self.planner: TimePlanner | None = None
-        if cfg.time.budget_s is not None:
-            t = cfg.time
-            self.planner = TimePlanner(
-                budget_s=t.budget_s,
-                expected=t.expected_problems,
-                parallel=cfg.run.max_in_flight,
-                samples=cfg.generation.samples,
-                greedy=cfg.generation.greedy,
-                base_s=t.base_s,
-                ceiling_s=cfg.run.problem_timeout_s,
-                margin_s=t.margin_s,
-                min_samples=t.min_samples,
-                max_samples=t.max_samples,
-            )
+        self.planner = TimePlanner.from_config(cfg)
         self.inference = Inference(
             backend,
             cfg,

@@ -37,7 +37,7 @@ from pipeline.config import Config
 from pipeline.items import Encoded, Generation, Result
 from stages.backends.base import Backend, Request, SamplingParams, sample_seed
 from stages.extraction import TIME_LIMIT
-from stages.prompting import style_for
+from stages.prompting import inside_block, style_for
 from stages.sandbox import Sandbox, SandboxError
 
 
@@ -201,7 +201,7 @@ class Inference:
                     out.finish = "length"
                     return
                 params = replace(self.params(encoded, index, round_), max_new_tokens=budget)
-                if out.text.count("```") % 2:  # the round starts inside a block: no final answer there
+                if inside_block(out.text):  # the round starts inside a block: no final answer there
                     params = replace(params, stop_at_answer=False)
                 request = Request(
                     id=f"{encoded.job.serial}-{index}-{round_}",

@@ -95,6 +95,11 @@ def style_for(name: str) -> PromptStyle:
     return STYLES[name]
 
 
+def inside_block(text: str) -> bool:
+    """Whether ``text`` ends inside a fenced block (an odd number of fences)."""
+    return len(_FENCE.findall(text)) % 2 == 1
+
+
 _BOXED = re.compile(r"\\boxed\s*\{")
 
 

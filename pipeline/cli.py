@@ -534,18 +534,15 @@ async def run_stream(
             "resuming", output=args.output, already_written=done.count, repaired_last_line=done.repaired
         )
     show_progress = sys.stderr.isatty() and not args.no_progress
-    total = None
-    if show_progress:  # the bar's total costs a second read of the input: only when a bar is shown
-        total = await anyio.to_thread.run_sync(_count_lines, args.input)
-        if total is not None:
-            total = max(0, total - done.count)
-    if cfg.time.budget_s is not None and cfg.time.expected_problems is None:
-        count = total if total is not None else await anyio.to_thread.run_sync(_count_lines, args.input)
-        if count is not None:  # the budget is spread over what is left to do
-            cfg = cfg.replace(
-                time={"expected_problems": max(1, count - (done.count if total is None else 0))}
-            )
-            logger.info("time budget", seconds=cfg.time.budget_s, problems=cfg.time.expected_problems)
+    spread = cfg.time.budget_s is not None and cfg.time.expected_problems is None
+    to_do = None
+    if show_progress or spread:  # counting costs a second read of the input: only when needed
+        lines = await anyio.to_thread.run_sync(_count_lines, args.input)
+        to_do = None if lines is None else max(0, lines - done.count)
+    total = to_do if show_progress else None
+    if spread and to_do is not None:  # the budget is spread over what is left to do
+        cfg = cfg.replace(time={"expected_problems": max(1, to_do)})
+        logger.info("time budget", seconds=cfg.time.budget_s, problems=cfg.time.expected_problems)
     items: AsyncIterator[Problem | Result] = read_problems(args.input)
     if args.resume:
         items = _skip_written(items, done)

@@ -236,7 +236,7 @@ class Sandbox:
         self._failures = 0
         self._last_error = ""
         self._changed = anyio.Event()
-        self._tg: Any = None
+        self._serving = False
         self._closed = False
 
     def _notify(self) -> None:
@@ -301,7 +301,7 @@ class Sandbox:
         """Keep the pool full until cancelled; then kill every interpreter."""
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
+                self._serving = True
                 task_status.started()
                 while True:
                     while self._live < self.size and self._failures < SPAWN_FAILURES:
@@ -348,7 +348,7 @@ class Sandbox:
                 return self._idle.pop()
             if self._failures >= SPAWN_FAILURES:
                 raise SandboxError(self._last_error)
-            if self._tg is None:  # no pool running (direct use): start one now
+            if not self._serving:  # no pool running (direct use): start one now
                 self._live += 1
                 try:
                     return await self.spawn()

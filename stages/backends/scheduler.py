@@ -215,6 +215,13 @@ class BatchScheduler:
             return
         started = time.perf_counter()
         self.running.update(rows)
+        s = self.stats
+        # counted as the batch starts: rows are delivered as they end, before the batch call returns
+        width = max(len(r.request.prompt_ids) for r in rows)
+        s.batches += 1
+        s.rows += len(rows)
+        s.prompt_tokens += sum(len(r.request.prompt_ids) for r in rows)
+        s.padded_tokens += sum(width - len(r.request.prompt_ids) for r in rows)
         try:
             await anyio.to_thread.run_sync(self.run_batch, rows, limiter=self._thread)
         except Exception as e:  # the model's failure is these rows' failure; the run goes on
@@ -242,12 +249,6 @@ class BatchScheduler:
             return
         finally:
             self.running.difference_update(rows)
-        s = self.stats
-        width = max(len(r.request.prompt_ids) for r in rows)
-        s.batches += 1
-        s.rows += len(rows)
-        s.prompt_tokens += sum(len(r.request.prompt_ids) for r in rows)
-        s.padded_tokens += sum(width - len(r.request.prompt_ids) for r in rows)
         s.busy_s += time.perf_counter() - started
         for r in rows:
             if isinstance(r.outcome, Completion):

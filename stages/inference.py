@@ -194,8 +194,8 @@ class Inference:
         try:
             for round_ in range(g.max_rounds):
                 prompt = encoded.prompt_ids
-                if out.text:
-                    prompt = prompt + tuple(backend.encode_text(out.text))
+                if out.text:  # a few ms for a long sample's text: off the event loop
+                    prompt = prompt + tuple(await anyio.to_thread.run_sync(backend.encode_text, out.text))
                 budget = min(g.max_new_tokens - out.new_tokens, backend.max_context - len(prompt))
                 if budget < 1:
                     out.finish = "length"

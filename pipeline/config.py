@@ -266,6 +266,10 @@ class VllmConfig:
         _check(self.cpu_reserved is None or self.cpu_reserved >= 0, "vllm.cpu_reserved", "must be >= 0")
 
 
+# How the sandbox confines each interpreter, strongest first (see stages/sandbox.py and the README).
+SANDBOX_LAYERS = ("namespaces", "filesystem", "identity", "seccomp", "rlimits", "audit_hook")
+
+
 @dataclass(frozen=True)
 class SandboxConfig:
     """Limits for model-written code (``prompt_style = "tir"``).
@@ -274,7 +278,14 @@ class SandboxConfig:
     interpreter's address space; ``file_mb`` the largest file it may write; ``output_chars`` how much
     of a cell's output the model sees. ``pool_size`` is how many interpreters are kept alive (warm
     ones waiting, plus one per sample that has run code); ``None`` is twice ``generation.samples``,
-    at least 2, as in the AIMO recipe (8 samples, 16 interpreters).
+    at least 2, as in the AIMO recipe (8 samples, 16 interpreters). ``disk_mb`` and ``max_files`` cap
+    the private tmpfs each interpreter writes in (``/tmp``, ``/var/tmp``, ``/dev/shm`` and its working
+    directory, all together).
+
+    ``require`` names the confinement layers (``SANDBOX_LAYERS``, or ``"all"``) a run must have: the
+    sandbox learns at start which ones this machine can apply and refuses to start without these. Every
+    layer that held at start is applied to every interpreter whatever ``require`` says; an interpreter
+    that cannot apply one is never used.
     """
 
     cell_timeout_s: float = 10.0
@@ -282,8 +293,22 @@ class SandboxConfig:
     file_mb: int = 16
     output_chars: int = 1000
     pool_size: int | None = None
+    disk_mb: int = 64
+    max_files: int = 10_000
+    require: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        raw = self.require
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        require = tuple(str(x).strip() for x in items if str(x).strip())
+        if "all" in require:
+            require = SANDBOX_LAYERS
+        object.__setattr__(self, "require", require)
+        unknown = [x for x in require if x not in SANDBOX_LAYERS]
+        known = ", ".join(SANDBOX_LAYERS)
+        _check(not unknown, "sandbox.require", f"unknown layer {unknown}; known: all, {known}")
+        _check(self.disk_mb >= 1, "sandbox.disk_mb", "must be at least 1")
+        _check(self.max_files >= 16, "sandbox.max_files", "must be at least 16")
         _check(self.cell_timeout_s > 0, "sandbox.cell_timeout_s", "must be positive")
         _check(self.memory_mb >= 256, "sandbox.memory_mb", "must be at least 256 (numpy and sympy need it)")
         _check(self.file_mb >= 0, "sandbox.file_mb", "must be >= 0")
@@ -474,7 +499,7 @@ class Config:
         }
         if self.generation.prompt_style == "tir":  # the sandbox's limits change what code can print
             payload["sandbox"] = {
-                k: v for k, v in dataclasses.asdict(self.sandbox).items() if k != "pool_size"
+                k: v for k, v in dataclasses.asdict(self.sandbox).items() if k not in ("pool_size", "require")
             }
         blob = json.dumps(payload, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

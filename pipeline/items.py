@@ -14,6 +14,29 @@ from typing import Any, Literal
 Status = Literal["ok", "fallback", "cached", "error"]
 
 
+def encodable(text: str) -> str:
+    """``text`` with every lone surrogate (``'\\udcff'``, which UTF-8 cannot hold) replaced by U+FFFD.
+
+    Model output, a kernel's output and an input line's JSON escapes can all carry one; every text
+    written to a file (results, submission, Kaggle record, cache) passes through here first.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def _encodable_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return encodable(value)
+    if isinstance(value, dict):
+        return {encodable(str(k)): _encodable_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable_json(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class Problem:
     """One problem to solve.
@@ -146,7 +169,7 @@ class Result:
         return self.answer == self.gold
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object written as one output line."""
+        """The JSON object written as one output line; every text in it can be encoded as UTF-8."""
         out: dict[str, Any] = {
             "id": self.id,
             "answer": self.answer,
@@ -171,7 +194,7 @@ class Result:
             out["cells"] = self.cells
         if self.code_errors:
             out["code_errors"] = list(self.code_errors)
-        return out
+        return _encodable_json(out)  # type: ignore[no-any-return]
 
 
 def error_result(

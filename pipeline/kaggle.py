@@ -45,7 +45,7 @@ import structlog
 
 from pipeline.budget import share_of
 from pipeline.config import Config
-from pipeline.items import Problem, Result
+from pipeline.items import Problem, Result, encodable
 
 log = structlog.get_logger("pipeline.kaggle")
 
@@ -294,15 +294,14 @@ class KagglePredictor:
         if self.results_path is None:
             return
         row = result.to_json()
-        row.update(
-            id=str(problem_id), submitted_answer=answer, seconds=round(seconds, 3), share_s=round(share, 3)
-        )
+        row.update(id=encodable(str(problem_id)), submitted_answer=answer)
+        row.update(seconds=round(seconds, 3), share_s=round(share, 3))
         try:
             with open(self.results_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as e:
+        except (OSError, ValueError) as e:
             log.warning("cannot append to the results file", path=str(self.results_path), error=str(e))
 
     def close(self) -> None:

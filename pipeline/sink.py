@@ -25,7 +25,7 @@ import aiofiles
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from pipeline.items import Result
+from pipeline.items import Result, encodable
 
 
 class OutputError(OSError):
@@ -261,7 +261,7 @@ class ResultWriter:
                 if r.id is None or r.duplicate or r.id in self._in_submission:
                     continue  # one row per id; the solved line of a repeated id has it
                 self._in_submission.add(r.id)
-                rows.append((r.id, submission_answer(r, self.fallback)))
+                rows.append((encodable(r.id), submission_answer(r, self.fallback)))
             csv.writer(buf, lineterminator="\n").writerows(rows)
             text_rows = buf.getvalue()
             if text_rows:

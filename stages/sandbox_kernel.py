@@ -1,52 +1,81 @@
-"""The sandboxed interpreter: ``python -I stages/sandbox_kernel.py LIMITS_JSON``, started by ``Sandbox``.
+"""The sandboxed interpreter: ``python -I sandbox_kernel.py LIMITS_JSON``, started by ``Sandbox``.
 
-It runs in its own process (and process group), never in the pipeline's. At start it imports the math
-libraries (so a cell starts in milliseconds), then closes itself in, in this order:
+It runs in its own process, never in the pipeline's, and normally inside ``bwrap`` (bubblewrap): new
+pid, network, IPC, UTS and mount namespaces (and a user namespace when the pipeline is not root), a
+root file system of nothing but read-only system directories and the Python installation. At start it
+imports the math libraries (so a cell starts in milliseconds), then closes itself in, one *layer* at
+a time, before it reads any cell:
 
-1. as root: a private network namespace (no interfaces but loopback, so no network), then the uid and
-   gid of ``nobody`` with no supplementary groups (the parent's files and ``/proc/<pid>/environ`` are no
-   longer readable, and no signal can reach the parent). Where the Python installation lies under a
-   directory others cannot enter (a pyenv under ``/root``), a private mount namespace first shows the
-   installation at its own path and hides the rest of that directory (``_reveal``); if even that is not
-   allowed, the kernel stays root, and says so;
-2. resource limits: address space, CPU seconds (the kernel's whole life), file size, no core files, no
-   new processes (``RLIMIT_NPROC = 0``: ``fork`` fails with EAGAIN for a non-root uid);
-3. an audit hook (PEP 578) that refuses, from Python: starting processes, sockets, signals to other
-   processes, ``ctypes`` calls, changing directory, opening directories, writing or deleting outside
-   the working directory, and reading other processes' ``/proc`` entries; calls that raise no audit
-   event (``os.mkfifo``, ``os.pidfd_open``, ``_posixsubprocess``) are removed. Hooks cannot be removed
-   once added. They are defence in depth on top
-   of the OS limits above, which are the boundary; where the pipeline does not run as root (no uid
-   drop, no network namespace) the hook is what stops sockets, so run untrusted models in a container
-   if they may be hostile.
+``filesystem``  a private mount namespace of its own with one tmpfs, capped in bytes (``disk_mb``)
+                and in files (``max_files``), mounted ``nosuid,nodev,noexec`` over ``/tmp``; ``/var/tmp``
+                and ``/dev/shm`` are directories inside it, the working directory is ``/tmp/work``.
+                Nothing of the host is writable; the host's ``/tmp``, ``/home``, ``/root`` (but for
+                the Python installation), the project and every socket file are simply not there.
+``identity``    every capability dropped (bounding and ambient sets included) and, when started as
+                root, a uid and gid of its own (``uid``, unique among live kernels) with no groups.
+``rlimits``     address space, CPU seconds (the kernel's whole life), file size, open files, no core
+                files, no new processes.
+``seccomp``     a filter (libseccomp through ``pyseccomp``) that refuses what a math cell never needs:
+                new processes and programs, sockets, ``ptrace`` and other processes' memory, mounts and
+                namespaces, keyrings, BPF, ``perf_event_open``, ``io_uring``, kernel modules, ...
+``audit_hook``  a PEP 578 hook that refuses, from Python, the same things by name, with a clearer error
+                than ``EPERM``. It is defence in depth only: Python code can reach around it.
+``namespaces``  not applied here but checked: the kernel's namespaces differ from the pipeline's.
+
+``layers`` in the limits names the layers this kernel must apply. A kernel that cannot apply one of
+them answers ``{"ready": false, "error": ...}`` and is never used; with ``"probe": true`` it tries
+each and reports which held (``Sandbox`` does this once, to learn what the machine allows).
 
 Protocol on private copies of fds 0 and 1 (fds 0, 1, 2 then point at ``/dev/null``, so code writing to
 them cannot forge a reply): the parent sends an ASCII length line and that many bytes of UTF-8 JSON
 ``{"code": ...}``; the kernel answers the same way with ``{"output": ..., "error": ..., "dropped": N}``.
-The first reply, ``{"ready": true}`` or ``{"ready": false, "error": ...}``, is sent once set-up is done.
-Cells share one namespace, like a notebook kernel; the value of a last bare expression is printed.
+The first reply, ``{"ready": true, "layers": {...}}`` or ``{"ready": false, "error": ...}``, is sent
+once set-up is done. Cells share one namespace, like a notebook kernel; the value of a last bare
+expression is printed.
 """
 
 from __future__ import annotations
 
 import ast
+import errno
 import io
 import json
 import os
 import resource
 import signal
 import sys
-import tempfile
 import threading
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
-_CLONE_NEWNET = 0x40000000
 _CLONE_NEWNS = 0x00020000
+_CLONE_THREAD = 0x00010000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 _MS_BIND = 4096
 _MS_REC = 16384
 _MS_PRIVATE = 1 << 18
-_MNT_DETACH = 2
+_PR_CAPBSET_DROP = 24
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_TIOCSTI = 0x5412
+WORKDIR = "/tmp/work"
+# refused by the seccomp filter with EPERM: nothing a math cell needs
+_DENIED_CALLS = (
+    "execve", "execveat", "fork", "vfork",
+    "socket", "socketcall",
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp",
+    "mount", "umount", "umount2", "pivot_root", "chroot", "unshare", "setns",
+    "mount_setattr", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount", "fspick",
+    "keyctl", "add_key", "request_key",
+    "bpf", "perf_event_open", "userfaultfd", "fanotify_init",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    "reboot", "swapon", "swapoff", "acct", "quotactl", "quotactl_fd",
+    "open_by_handle_at", "name_to_handle_at",
+    "mknod", "mknodat", "memfd_create", "memfd_secret",
+    "personality", "syslog", "vhangup", "iopl", "ioperm", "uselib", "lookup_dcookie",
+    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname",
+)  # fmt: skip
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 _PATH_EVENTS = {
     "os.remove": 1,
@@ -216,92 +245,109 @@ def _libc() -> Any:
     return ctypes.CDLL(None, use_errno=True), ctypes
 
 
-def _check(ret: int, what: str) -> None:
+def _call(ret: int, what: str) -> None:
     if ret != 0:
         import ctypes
 
-        raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _reveal(unreadable: list[str]) -> None:
-    """In a private mount namespace, make the Python installation readable to ``nobody`` without
-    changing any path: for each directory ``A`` that others cannot enter (``/root``), the entry under it
-    that leads to Python (``/root/.pyenv``) is bind-mounted aside, a fresh empty tmpfs (mode 0755) is
-    mounted over ``A`` (hiding the rest of it: keys, tokens, caches), and the entry is mounted back
-    at its own path. The pipeline's own view of the files is untouched."""
+def _status() -> dict[str, str]:
+    """``/proc/self/status`` as a dict (the kernel's own view of its uids, capabilities and filters)."""
+    out = {}
+    with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def _private_tmp(limits: dict[str, Any]) -> None:
+    """One tmpfs of its own, capped in bytes and files, over ``/tmp``; ``/var/tmp``, ``/dev/shm`` and
+    the working directory inside it. Needs ``CAP_SYS_ADMIN`` in the kernel's own namespaces (bwrap
+    grants it for the set-up only; ``identity`` drops it)."""
     libc, _ = _libc()
-    _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
-    done: set[tuple[str, str]] = set()
-    for entry in unreadable:
-        p = os.path.realpath(entry)
-        parts = p.split(os.sep)
-        for i in range(2, len(parts)):
-            closed = os.sep.join(parts[:i]) or os.sep
-            if not os.stat(closed).st_mode & 0o001:
-                child = os.sep.join(parts[: i + 1])
-                if (closed, child) not in done:
-                    done.add((closed, child))
-                    stash = tempfile.mkdtemp(prefix="pipeline-reveal-")
-                    _check(libc.mount(child.encode(), stash.encode(), None, _MS_BIND | _MS_REC, None), "bind")
-                    _check(libc.mount(b"tmpfs", closed.encode(), b"tmpfs", 0, b"mode=0755,size=1m"), "tmpfs")
-                    os.makedirs(child, exist_ok=True)
-                    _check(libc.mount(stash.encode(), child.encode(), None, _MS_BIND | _MS_REC, None), "bind")
-                    _check(libc.umount2(stash.encode(), _MNT_DETACH), "umount")
-                    os.rmdir(stash)
-                break
+    uid = limits.get("uid")
+    _call(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _call(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    size, files = int(limits["disk_mb"]) * 1024 * 1024, int(limits["max_files"])
+    opts = f"size={size},nr_inodes={files},mode=0755"
+    flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+    _call(libc.mount(b"tmpfs", b"/tmp", b"tmpfs", flags, opts.encode()), "mount tmpfs /tmp")
+    for name, target in ((".var_tmp", "/var/tmp"), (".shm", "/dev/shm")):
+        inner = f"/tmp/{name}"
+        os.mkdir(inner, 0o1777)
+        if os.path.isdir(target):
+            _call(libc.mount(inner.encode(), target.encode(), None, _MS_BIND, None), f"bind {target}")
+    os.mkdir(WORKDIR, 0o700)
+    os.chdir(WORKDIR)
+    if uid is not None:  # made by root, then given to the kernel's own uid
+        for p in ("/tmp", "/tmp/.var_tmp", "/tmp/.shm", WORKDIR):
+            os.chown(p, uid, uid)
+    st = os.statvfs("/tmp")
+    if st.f_files > files or st.f_blocks * st.f_frsize > size:
+        raise OSError(errno.EIO, f"the tmpfs over /tmp is not capped ({st.f_files} files)")
 
 
-def _confine(limits: dict[str, Any], root: str) -> list[str]:
-    """Network namespace and uid drop (as root), then resource limits. Returns what could not be done."""
-    missing: list[str] = []
-    if os.geteuid() == 0:
-        try:
-            libc, ctypes = _libc()
-            if libc.unshare(_CLONE_NEWNET) != 0:
-                missing.append(f"network namespace ({os.strerror(ctypes.get_errno())})")
-        except OSError as e:
-            missing.append(f"network namespace ({e})")
-        unreadable = [p for p in sys.path if os.path.exists(p) and not _world_readable(p)]
-        if unreadable:  # as nobody, every import not done yet would fail: make it readable first
-            try:
-                _reveal(unreadable)
-            except OSError as e:
-                missing.append(
-                    f"uid nobody (the Python installation in {unreadable[0]} is not readable "
-                    f"by others, and a mount namespace to show it failed: {e})"
-                )
-                return missing + _limit(limits)
-        try:
-            import pwd
+def _drop_identity(limits: dict[str, Any]) -> None:
+    """Every capability gone (the bounding and ambient sets too) and, from root, a uid of its own."""
+    libc, ctypes = _libc()
+    uid = limits.get("uid")
+    st = _status()
+    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    if int(st.get("CapBnd", "0"), 16):
+        last = int(open("/proc/sys/kernel/cap_last_cap").read()) if os.path.exists(
+            "/proc/sys/kernel/cap_last_cap"
+        ) else 40
+        for cap in range(last + 1):
+            _call(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap} from the bounding set")
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
 
-            nobody = pwd.getpwnam("nobody")
-            os.setgroups([])
-            os.setgid(nobody.pw_gid)
-            os.setuid(nobody.pw_uid)
-        except (KeyError, OSError) as e:
-            missing.append(f"uid nobody ({e})")
-    return missing + _limit(limits)
+    u32 = ctypes.c_uint32
 
+    class Header(ctypes.Structure):
+        _fields_: ClassVar = [("version", u32), ("pid", ctypes.c_int)]
 
-def _world_readable(path: str) -> bool:
-    """Whether a user with no rights of its own can reach and read ``path``."""
-    p = os.path.realpath(path)
-    while True:
-        try:
-            mode = os.stat(p).st_mode
-        except OSError:
-            return False
-        if not mode & 0o001:
-            return False
-        parent = os.path.dirname(p)
-        if parent == p:
-            return True
-        p = parent
+    class Data(ctypes.Structure):
+        _fields_: ClassVar = [("effective", u32), ("permitted", u32), ("inheritable", u32)]
+
+    header, data = Header(0x20080522, 0), (Data * 2)()
+    _call(libc.capset(ctypes.byref(header), data), "capset (drop every capability)")
+    st = _status()
+    held = {k: st.get(k, "?") for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    if any(v.strip("0") for v in held.values()):
+        raise OSError(errno.EPERM, f"capabilities remain: {held}")
+    if uid is not None:
+        ids = st.get("Uid", "").split() + st.get("Gid", "").split()
+        if ids != [str(uid)] * 8 or st.get("Groups", "").strip():
+            raise OSError(errno.EPERM, f"the uid drop did not hold (Uid/Gid {ids})")
+    elif os.geteuid() == 0 and not limits.get("userns"):
+        raise OSError(errno.EPERM, "still root, and no uid to drop to")
 
 
-def _limit(limits: dict[str, Any]) -> list[str]:
-    missing: list[str] = []
+def _seccomp() -> None:
+    """Load the filter; ``pyseccomp`` was imported before the process limits (it runs ``ldconfig``)."""
+    sc = sys.modules.get("pyseccomp")
+    if sc is None:
+        raise OSError(errno.ENOENT, "pyseccomp (or libseccomp) is not available")
+    f = sc.SyscallFilter(sc.ALLOW)
+    deny = sc.ERRNO(errno.EPERM)
+    for name in _DENIED_CALLS:
+        if sc.resolve_syscall(sc.Arch.NATIVE, name) >= 0:
+            f.add_rule(deny, name)
+    f.add_rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, _CLONE_THREAD, 0))  # threads yes, processes no
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # flags behind a pointer: glibc falls back to clone
+    f.add_rule(deny, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, _TIOCSTI))
+    f.load()
+    if _status().get("Seccomp") != "2":
+        raise OSError(errno.EPERM, "the filter is not in force")
+
+
+def _limit(limits: dict[str, Any]) -> None:
     mb = int(limits["memory_mb"])
     cpu = int(limits["cpu_s"])
     plan = [
@@ -309,18 +355,20 @@ def _limit(limits: dict[str, Any]) -> list[str]:
         (resource.RLIMIT_CPU, cpu),
         (resource.RLIMIT_FSIZE, int(limits["file_mb"]) * 1024 * 1024),
         (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NOFILE, 256),
+        (resource.RLIMIT_NPROC, 0),  # root is exempt: ``identity`` drops root first
     ]
-    if os.geteuid() != 0:
-        plan.append((resource.RLIMIT_NPROC, 0))
-    else:
-        missing.append("RLIMIT_NPROC (still root)")
     for which, value in plan:
-        try:
-            resource.setrlimit(which, (value, value))
-        except (ValueError, OSError) as e:
-            missing.append(f"rlimit {which} ({e})")
+        resource.setrlimit(which, (value, value))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-long file write raises instead of killing
-    return missing
+
+
+def _namespaces(limits: dict[str, Any]) -> None:
+    """Checked, not applied: each namespace bwrap made differs from the pipeline's own."""
+    for kind, host in dict(limits.get("host_ns", {})).items():
+        mine = os.readlink(f"/proc/self/ns/{kind}")
+        if mine == host:
+            raise OSError(errno.EPERM, f"the {kind} namespace is the pipeline's own")
 
 
 def _last_lines(text: str, n: int = 4, width: int = 300) -> str:
@@ -358,10 +406,38 @@ def run_cell(code: str, namespace: dict[str, Any], limit: int) -> dict[str, Any]
 
 
 def _send(out: Any, obj: dict[str, Any]) -> None:
-    data = json.dumps(obj).encode()
+    # ensure_ascii: a lone surrogate in a cell's output travels as an escape, never as bad UTF-8
+    data = json.dumps(obj, ensure_ascii=True).encode()
     out.write(b"%d\n" % len(data))
     out.write(data)
     out.flush()
+
+
+def confine(limits: dict[str, Any]) -> dict[str, str | None]:
+    """Apply the layers ``limits["layers"]`` names, in order; each maps to ``None`` (it holds) or why
+    not. Without ``probe`` the first layer that fails stops the set-up (``OSError``)."""
+    wanted = set(limits.get("layers", []))
+    probe = bool(limits.get("probe"))
+    steps: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
+        ("namespaces", _namespaces),
+        ("filesystem", _private_tmp),
+        ("identity", _drop_identity),
+        ("rlimits", _limit),
+        ("seccomp", lambda _: _seccomp()),
+    ]
+    report: dict[str, str | None] = {}
+    for name, step in steps:
+        if name not in wanted:
+            continue
+        try:
+            step(limits)
+            report[name] = None
+        except (OSError, ValueError, AttributeError) as e:
+            reason = str(e) or type(e).__name__
+            if not probe:
+                raise OSError(f"the {name} layer cannot be applied: {reason}") from e
+            report[name] = reason
+    return report
 
 
 def main() -> None:
@@ -375,17 +451,24 @@ def main() -> None:
     os.close(null)
     inp = os.fdopen(inp_fd, "rb")
     out = os.fdopen(out_fd, "wb")
-    root = os.path.realpath(os.getcwd())
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
     try:
         for line in limits.get("preload", []):
             exec(line, namespace)
-        missing = _confine(limits, root)
-        _install_hook(root)
+        if "seccomp" in limits.get("layers", []):
+            try:  # imported before the process limits: it looks for libseccomp with ``ldconfig``
+                import pyseccomp  # noqa: F401
+            except (ImportError, RuntimeError, OSError):
+                pass
+        report = confine(limits)
+        root = os.path.realpath(os.getcwd())
+        if "audit_hook" in limits.get("layers", []):
+            _install_hook(root)
+            report["audit_hook"] = None
     except Exception as e:  # set-up failed: say so, and stop
         _send(out, {"ready": False, "error": f"{type(e).__name__}: {e}"})
         return
-    _send(out, {"ready": True, "missing": missing})
+    _send(out, {"ready": True, "layers": report, "workdir": root})
     limit = int(limits["output_chars"])
     while True:
         header = inp.readline()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -10,6 +12,7 @@ import pytest
 
 from pipeline.config import SandboxConfig
 from stages.sandbox import CellResult, Sandbox, SandboxError
+from stages.sandbox_kernel import WORKDIR
 
 pytestmark = pytest.mark.anyio
 
@@ -119,17 +122,24 @@ async def test_the_kernel_environment_is_stripped(monkeypatch):
     finally:
         await s.aclose()
     assert "PIPELINE_TEST_SECRET" not in r.output and "hunter2" not in r.output
-    assert "pipeline-cell-" in r.output  # a fresh temporary working directory
+    assert r.output.splitlines()[-1] in (
+        WORKDIR,
+        *(str(p) for p in Path(tempfile.gettempdir()).glob("pipeline-cell-*")),
+    )
 
 
-async def test_the_working_directory_is_removed_after_the_sample():
+async def test_the_working_directory_is_gone_after_the_sample():
     sb = sandbox()
-    s = sb.session()
+    s, t = sb.session(), sb.session()
     with anyio.fail_after(60):
         r = await s.run("open('scratch.txt', 'w').write('ok')\nimport os\nprint(os.getcwd())")
+        where = r.output.strip()
         await s.aclose()
+        after = await t.run(f"import os\nprint(os.path.exists({where + '/scratch.txt'!r}))")
+        await t.aclose()
     assert r.ok, r.error
-    assert not os.path.exists(r.output.strip())
+    assert after.output.strip() == "False"  # the next sample's fresh directory does not have it
+    assert not os.path.exists(os.path.join(where, "scratch.txt"))  # nor does the host
 
 
 def test_output_for_the_model_is_capped_even_when_the_kernel_sent_more():

@@ -7,11 +7,15 @@ A ``Problem`` enters, a ``Result`` leaves; in between a problem becomes one ``En
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Status = Literal["ok", "fallback", "cached", "error"]
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def encodable(text: str) -> str:
@@ -24,7 +28,7 @@ def encodable(text: str) -> str:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return _SURROGATE.sub("\ufffd", text)
 
 
 def _encodable_json(value: Any) -> Any:

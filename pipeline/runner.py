@@ -255,6 +255,13 @@ class Engine:
                 "cell_seconds": round(sb.cell_seconds, 3),
                 "interpreter_wait_s": round(sb.wait_s, 3),
             }
+            c = self.sandbox.confinement
+            if c is not None:
+                out["sandbox"]["confinement"] = {
+                    "launcher": c.launcher,
+                    "holds": list(c.holds),
+                    **({"missing": c.missing} if c.missing else {}),
+                }
             out["waits_s"]["sandbox_interpreter"] = round(sb.wait_s, 3)
         return out
 

@@ -297,9 +297,11 @@ def _drop_identity(limits: dict[str, Any]) -> None:
     st = _status()
     libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     if int(st.get("CapBnd", "0"), 16):
-        last = int(open("/proc/sys/kernel/cap_last_cap").read()) if os.path.exists(
-            "/proc/sys/kernel/cap_last_cap"
-        ) else 40
+        last = (
+            int(open("/proc/sys/kernel/cap_last_cap").read())
+            if os.path.exists("/proc/sys/kernel/cap_last_cap")
+            else 40
+        )
         for cap in range(last + 1):
             _call(libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap} from the bounding set")
     if uid is not None:

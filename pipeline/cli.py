@@ -79,6 +79,8 @@ _FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "sandbox_memory_mb": ("sandbox", "memory_mb"),
     "sandbox_pool": ("sandbox", "pool_size"),
     "output_chars": ("sandbox", "output_chars"),
+    "sandbox_disk_mb": ("sandbox", "disk_mb"),
+    "sandbox_require": ("sandbox", "require"),
     "early_stop": ("vote", "early_stop"),
     "code_weight": ("vote", "code_weight"),
     "confidence": ("vote", "confidence"),
@@ -218,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sandbox-memory-mb", type=int, help="address space per interpreter (default 2048)")
     g.add_argument("--sandbox-pool", type=int, help="interpreters kept alive (default 2 x samples, >= 2)")
     g.add_argument("--output-chars", type=int, help="characters of a cell's output shown (default 1000)")
+    g.add_argument(
+        "--sandbox-disk-mb",
+        type=int,
+        help="private tmpfs per interpreter: /tmp, /var/tmp, /dev/shm (default 64)",
+    )
+    g.add_argument(
+        "--sandbox-require",
+        metavar="LAYERS",
+        help="refuse to start unless these confinement layers hold, comma-separated, or all: "
+        "namespaces, filesystem, identity, seccomp, rlimits, audit_hook (default: none required; "
+        "every layer that holds is used)",
+    )
     g = s.add_argument_group("vote")
     g.add_argument(
         "--early-stop",
@@ -426,8 +440,8 @@ def print_config(cfg: Config, sources: dict[str, str]) -> None:
     for section, values in cfg.to_dict().items():
         print(f"[{section}]")
         for key, value in values.items():
-            if isinstance(value, str):
-                shown = json.dumps(value)
+            if isinstance(value, str | list | tuple):
+                shown = json.dumps(list(value) if isinstance(value, tuple) else value)
             elif isinstance(value, bool):
                 shown = "true" if value else "false"
             else:

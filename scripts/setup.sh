@@ -7,6 +7,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# The sandbox's seccomp layer loads libseccomp (pyseccomp is a ctypes binding); Debian and Ubuntu ship
+# it with systemd, a slim image may not. Installed when missing and we can; without it the sandbox
+# runs (and says so at start) with that one layer missing.
+if ! ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -q libseccomp2 >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libseccomp2 >/dev/null 2>&1) || echo "setup: libseccomp2 not installed; the sandbox runs without its seccomp layer" >&2
+  else
+    echo "setup: libseccomp2 is missing (apt-get install libseccomp2); the sandbox runs without its seccomp layer" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.

@@ -30,7 +30,7 @@ import aiofiles
 import anyio
 import structlog
 
-from pipeline.items import Problem, Result, error_result
+from pipeline.items import Problem, Result, encodable, error_result
 
 CHUNK = 1 << 16
 MAX_LINE_BYTES = 1 << 20
@@ -75,7 +75,7 @@ def record_to_problem(record: Any, line: int | None = None) -> Problem | Result:
     if isinstance(raw_id, bool) or raw_id is None:
         pid = None
     elif isinstance(raw_id, (str, int)):
-        pid = str(raw_id).strip() or None
+        pid = encodable(str(raw_id)).strip() or None  # a JSON escape can make a lone surrogate
     else:
         return error_result(
             None, f"{where}field 'id' must be a string or an integer, got {type(raw_id).__name__}", line=line
@@ -96,7 +96,7 @@ def record_to_problem(record: Any, line: int | None = None) -> Problem | Result:
         gold = _gold(record.get("answer"))
     except ValueError as e:
         return error_result(pid, f"{where}{e}", line=line)
-    return Problem(id=pid, text=text, answer=gold, line=line)
+    return Problem(id=pid, text=encodable(text), answer=gold, line=line)
 
 
 def decode_line(raw: bytes, line: int) -> str:

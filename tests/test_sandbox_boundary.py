@@ -429,3 +429,20 @@ def test_a_lone_surrogate_cannot_break_the_kaggle_results_file(tmp_path):
         predict.close()
     row = json.loads(results.read_bytes().decode("utf-8").splitlines()[-1])
     assert row["submitted_answer"] == 5 and "\ufffd" in " ".join(row.get("code_errors", []))
+
+
+def test_a_lone_surrogate_in_the_input_cannot_stop_the_stream_command(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a\\udcff", "problem": "What is 2+2? \\ud800"}\n{"id": "b", "problem": "1+1?"}\n')
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "pipeline", "stream", str(inp), "--output", str(out), "--no-progress"]
+    replay = _replay(
+        tmp_path / "r.jsonl",
+        [{"id": "a\ufffd", "round": 0, "text": "\\boxed{4}"}, {"id": "b", "round": 0, "text": "\\boxed{2}"}],
+    )
+    cmd += ["--backend", "replay", "--replay", str(replay), "--submission", str(tmp_path / "sub.csv")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_bytes().decode("utf-8").splitlines()]
+    assert {r["id"]: r["answer"] for r in rows} == {"a\ufffd": 4, "b": 2}, rows

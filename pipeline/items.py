@@ -198,7 +198,8 @@ class Result:
             out["cells"] = self.cells
         if self.code_errors:
             out["code_errors"] = list(self.code_errors)
-        return _encodable_json(out)  # type: ignore[no-any-return]
+        clean: dict[str, Any] = _encodable_json(out)
+        return clean
 
 
 def error_result(

@@ -232,7 +232,14 @@ def _root_fs_args() -> list[str]:
                 args += ["--perms", "0755", "--dir", parent]
         args += ["--ro-bind", d, d]
     args += ["--ro-bind", str(KERNEL), KERNEL_INSIDE]
-    args += ["--proc", "/proc", "--dev", "/dev", "--dir", "/tmp", "--dir", "/var/tmp", "--chdir", "/"]
+    # a /dev of the harmless nodes only: no /dev/ptmx (the host's pty pool is shared), no /dev/pts
+    args += ["--proc", "/proc", "--perms", "0755", "--dir", "/dev"]
+    for node in ("null", "zero", "full", "random", "urandom"):
+        args += ["--dev-bind", f"/dev/{node}", f"/dev/{node}"]
+    args += ["--perms", "1777", "--dir", "/dev/shm", "--symlink", "/proc/self/fd", "/dev/fd"]
+    for i, name in enumerate(("stdin", "stdout", "stderr")):
+        args += ["--symlink", f"/proc/self/fd/{i}", f"/dev/{name}"]
+    args += ["--dir", "/tmp", "--dir", "/var/tmp", "--chdir", "/"]
     return args
 
 
@@ -388,7 +395,7 @@ class Kernel:
         return CellResult(  # a lone surrogate from the cell would break every writer downstream
             output=encodable(output),
             error=None if error is None else encodable(error),
-            dropped=int(dropped) if isinstance(dropped, int) else 0,
+            dropped=max(0, dropped) if isinstance(dropped, int) else 0,
             seconds=time.perf_counter() - started,
         )
 

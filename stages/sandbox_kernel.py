@@ -47,6 +47,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 _CLONE_NEWNS = 0x00020000
@@ -59,6 +60,7 @@ _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _TIOCSTI = 0x5412
 WORKDIR = "/tmp/work"
+_SELF = os.path.basename(__file__)  # kernel.py inside bwrap: its own frames are left out of errors
 # refused by the seccomp filter with EPERM: nothing a math cell needs
 _DENIED_CALLS = (
     "execve", "execveat", "fork", "vfork",
@@ -73,6 +75,8 @@ _DENIED_CALLS = (
     "reboot", "swapon", "swapoff", "acct", "quotactl", "quotactl_fd",
     "open_by_handle_at", "name_to_handle_at",
     "mknod", "mknodat", "memfd_create", "memfd_secret",
+    "shmget", "shmat", "shmctl", "msgget", "msgsnd", "msgrcv", "msgctl",
+    "semget", "semop", "semtimedop", "semctl", "mq_open", "mq_timedsend", "mq_notify",
     "personality", "syslog", "vhangup", "iopl", "ioperm", "uselib", "lookup_dcookie",
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname",
 )  # fmt: skip
@@ -191,9 +195,15 @@ def _refuse_dir_outside(path: Any, root: str) -> bool:
 def _install_hook(root: str) -> None:
     me = os.getpid()
     local = threading.local()  # per thread: another thread's events are never skipped
+    # the hook's tables and helpers live in its closure, frozen: the module's globals are reachable
+    # from a cell (``sys.modules["__main__"]``), these are not
+    refused = MappingProxyType(dict(_REFUSED))
+    path_events = MappingProxyType(dict(_PATH_EVENTS))
+    inside, other_proc, dir_outside = _inside, _other_proc, _refuse_dir_outside
+    write_flags = _WRITE_FLAGS
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
-        what = _REFUSED.get(event)
+        what = refused.get(event)
         if what is not None:
             if event == "os.kill" and args and args[0] in (me, 0):
                 return  # a signal to itself is allowed (it only hurts this kernel)
@@ -205,23 +215,23 @@ def _install_hook(root: str) -> None:
             if event == "open":
                 path, mode, flags = ([*list(args), None, None, None])[:3]
                 writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                    isinstance(flags, int) and bool(flags & _WRITE_FLAGS)
+                    isinstance(flags, int) and bool(flags & write_flags)
                 )
-                if writing and not _inside(path, root):
+                if writing and not inside(path, root):
                     raise PermissionError(f"sandbox: writing outside the working directory ({path})")
-                if _other_proc(path):
+                if other_proc(path):
                     raise PermissionError(f"sandbox: reading another process's /proc entry ({path})")
-                if isinstance(flags, int) and _refuse_dir_outside(path, root):
+                if isinstance(flags, int) and dir_outside(path, root):
                     raise PermissionError(
                         f"sandbox: opening a directory outside the working directory ({path})"
                     )
-            elif event in _PATH_EVENTS:
-                for p in args[: _PATH_EVENTS[event]]:
-                    if not _inside(p, root):
+            elif event in path_events:
+                for p in args[: path_events[event]]:
+                    if not inside(p, root):
                         raise PermissionError(f"sandbox: changing files outside the working directory ({p})")
-            elif event == "sqlite3.connect" and args and args[0] != ":memory:" and not _inside(args[0], root):
+            elif event == "sqlite3.connect" and args and args[0] != ":memory:" and not inside(args[0], root):
                 raise PermissionError(f"sandbox: a database outside the working directory ({args[0]})")
-            elif event == "os.listdir" and args and _other_proc(args[0]):
+            elif event == "os.listdir" and args and other_proc(args[0]):
                 raise PermissionError("sandbox: listing another process's /proc entry")
         finally:
             local.busy = False
@@ -292,7 +302,9 @@ def _private_tmp(limits: dict[str, Any]) -> None:
 
 def _drop_identity(limits: dict[str, Any]) -> None:
     """Every capability gone (the bounding and ambient sets too) and, from root, a uid of its own."""
-    libc, ctypes = _libc()
+    import ctypes
+
+    libc, _ = _libc()
     uid = limits.get("uid")
     st = _status()
     libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
@@ -365,6 +377,12 @@ def _limit(limits: dict[str, Any]) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-long file write raises instead of killing
 
 
+def _oom_first(limits: dict[str, Any]) -> None:
+    """Under memory pressure the kernel goes first, not the pipeline or the model server."""
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+
+
 def _namespaces(limits: dict[str, Any]) -> None:
     """Checked, not applied: each namespace bwrap made differs from the pipeline's own."""
     for kind, host in dict(limits.get("host_ns", {})).items():
@@ -400,7 +418,7 @@ def run_cell(code: str, namespace: dict[str, Any], limit: int) -> dict[str, Any]
             error = "MemoryError: the cell ran out of memory"
         else:
             tb = traceback.format_exception(type(e), e, e.__traceback__)
-            cell_frames = "".join(ln for ln in tb if "sandbox_kernel.py" not in ln)
+            cell_frames = "".join(ln for ln in tb if "sandbox_kernel.py" not in ln and _SELF not in ln)
             error = _last_lines(cell_frames)
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
@@ -428,9 +446,13 @@ def confine(limits: dict[str, Any]) -> dict[str, str | None]:
         ("seccomp", lambda _: _seccomp()),
     ]
     report: dict[str, str | None] = {}
+    if "rlimits" in wanted:  # while /proc/self is still its own: after the uid drop it is root's
+        steps.insert(0, ("rlimits", _oom_first))
     for name, step in steps:
         if name not in wanted:
             continue
+        if report.get(name) is not None:
+            continue  # an earlier part of this layer failed
         try:
             step(limits)
             report[name] = None

@@ -446,3 +446,46 @@ def test_a_lone_surrogate_in_the_input_cannot_stop_the_stream_command(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_bytes().decode("utf-8").splitlines()]
     assert {r["id"]: r["answer"] for r in rows} == {"a\ufffd": 4, "b": 2}, rows
+
+
+async def test_sysv_ipc_and_ptys_cannot_take_host_memory_or_the_hosts_pty_pool():
+    """Found by attacking: SysV shared memory (attach, fill, detach, again) and message queues were
+    host RAM outside every limit; ``/dev/ptmx`` took from the host's pty pool."""
+    sb = await no_hook(sandbox())
+    out = await run1(
+        sb,
+        "import ctypes, errno, os\nlibc = ctypes.CDLL(None, use_errno=True)\nres = {}\n"
+        "for name, args in (('shmget', (0, 1 << 20, 0o1600)), ('msgget', (0, 0o1600)), "
+        "('semget', (0, 1, 0o1600))):\n"
+        "    r = getattr(libc, name)(*args)\n"
+        "    res[name] = 'ok' if r >= 0 else errno.errorcode[ctypes.get_errno()]\n"
+        "res['ptmx'] = os.path.exists('/dev/ptmx') or os.path.exists('/dev/pts/ptmx')\n"
+        "res['oom'] = open('/proc/self/oom_score_adj').read().strip()\nprint(res)",
+    )
+    assert "{'shmget': 'EPERM', 'msgget': 'EPERM', 'semget': 'EPERM', 'ptmx': False, 'oom': '1000'}" in out
+
+
+async def test_the_audit_hook_keeps_its_tables_out_of_a_cells_reach():
+    sb = sandbox()
+    out = await run1(
+        sb,
+        "import __main__\nfor name in ('_REFUSED', '_PATH_EVENTS'):\n    getattr(__main__, name).clear()\n"
+        "__main__._inside = lambda *a: True\nimport ctypes\nctypes.CDLL(None)",
+    )
+    assert "ctypes is not allowed" in out
+
+
+async def test_an_error_shows_the_cells_lines_not_the_kernels_and_a_forged_count_is_ignored():
+    sb = sandbox()
+    s = sb.session()
+    try:
+        with anyio.fail_after(60):
+            err = await s.run("def f():\n    raise ValueError('deep')\nf()")
+            forged = await s.run(
+                "import json, os\nd = json.dumps({'output': 'x', 'error': None, 'dropped': -99}).encode()\n"
+                "os.write(4, b'%d\\n' % len(d) + d)"
+            )
+    finally:
+        await s.aclose()
+    assert "kernel.py" not in (err.error or "") and "ValueError: deep" in (err.error or "")
+    assert forged.dropped == 0 and "-99" not in forged.for_model(100)

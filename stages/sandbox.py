@@ -280,8 +280,11 @@ def _remove_tree(path: str) -> None:
 class Kernel:
     """One confined interpreter process (and, with the ``plain`` launcher, its host working directory)."""
 
-    def __init__(self, process: Process, workdir: str | None, uid: int | None = None) -> None:
+    def __init__(
+        self, process: Process, workdir: str | None, uid: int | None = None, errors: Any = None
+    ) -> None:
         self.process = process
+        self.errors = errors  # a temporary file with the launcher's standard error
         self.workdir = workdir
         self.uid = uid
         assert process.stdin is not None and process.stdout is not None
@@ -305,21 +308,16 @@ class Kernel:
             raise SandboxError("the interpreter broke the protocol (reply is not an object)")
         return reply
 
-    async def _stderr(self) -> str:
-        """What the launcher said before it died (bwrap's reason), the last line of it."""
-        if self.process.stderr is None:
+    def _stderr(self) -> str:
+        """What the launcher said before it died (bwrap's reason): the last line of it."""
+        if self.errors is None:
             return ""
         try:
-            with anyio.move_on_after(2):
-                data = b""
-                async for chunk in self.process.stderr:
-                    data += chunk
-                    if len(data) > 8192:
-                        break
-                return encodable(data.decode("utf-8", "replace")).strip().splitlines()[-1][:300]
-        except (IndexError, *_GONE):
-            pass
-        return ""
+            self.errors.seek(0)
+            lines = self.errors.read(8192).decode("utf-8", "replace").strip().splitlines()
+        except (OSError, ValueError):
+            return ""
+        return encodable(lines[-1][:300]) if lines else ""
 
     async def ready(self) -> None:
         """Wait for the kernel's set-up.
@@ -333,7 +331,7 @@ class Kernel:
         except _GONE as e:
             with anyio.move_on_after(2):
                 await self.process.wait()
-            said = await self._stderr()
+            said = self._stderr()
             raise SandboxError(
                 f"the interpreter exited during set-up (code {self.process.returncode})"
                 + (f": {said}" if said else "")
@@ -412,10 +410,18 @@ class Kernel:
                         continue
             with anyio.move_on_after(10):
                 await self.process.wait()
+            with anyio.move_on_after(2):  # read to the end: the pipe closes now, not at loop close
+                try:
+                    while await self.stdout.receive(65536):
+                        pass
+                except (*_GONE, anyio.ClosedResourceError):
+                    pass
             try:
                 await self.process.aclose()
             except Exception as e:  # a kernel that will not close is still released
                 _log.warning("a sandbox interpreter did not close", error=str(e))
+            if self.errors is not None:
+                self.errors.close()
             if self.workdir is not None:
                 await anyio.to_thread.run_sync(_remove_tree, self.workdir)
 
@@ -522,13 +528,16 @@ class Sandbox:
                 cmd = [*_bwrap_command(bwrap, launcher == "bwrap-userns"), "--"]
                 cmd += [sys.executable, "-I", KERNEL_INSIDE, json.dumps(limits)]
                 cwd, env = "/", stripped_env(WORKDIR)
+            # bwrap's reason for a failed start goes to a file: a pipe would also need draining
+            errors = tempfile.TemporaryFile()
             try:
                 process = await anyio.open_process(
-                    cmd, cwd=cwd, env=env, stderr=subprocess.PIPE, start_new_session=True
+                    cmd, cwd=cwd, env=env, stderr=errors, start_new_session=True
                 )
             except OSError as e:
+                errors.close()
                 raise SandboxError(f"cannot start an interpreter: {e}") from e
-            kernel = Kernel(process, workdir, uid)
+            kernel = Kernel(process, workdir, uid, errors)
             workdir = None  # the kernel owns it now
             await kernel.ready()
             if not probe:

@@ -489,3 +489,13 @@ async def test_an_error_shows_the_cells_lines_not_the_kernels_and_a_forged_count
         await s.aclose()
     assert "kernel.py" not in (err.error or "") and "ValueError: deep" in (err.error or "")
     assert forged.dropped == 0 and "-99" not in forged.for_model(100)
+
+
+async def test_a_launcher_that_fails_says_why(monkeypatch):
+    sb = sandbox()
+    c = await sb.probe()  # bwrap works: it is started wrongly from here on
+    assert c.launcher.startswith("bwrap")
+    real = sandbox_mod._bwrap_command
+    monkeypatch.setattr(sandbox_mod, "_bwrap_command", lambda *a: [*real(*a), "--no-such-option"])
+    with pytest.raises(SandboxError, match="no-such-option"):
+        await sb._launch(c.launcher, c.bwrap, c.holds)

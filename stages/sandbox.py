@@ -534,9 +534,11 @@ class Sandbox:
                 process = await anyio.open_process(
                     cmd, cwd=cwd, env=env, stderr=errors, start_new_session=True
                 )
-            except OSError as e:
+            except BaseException as e:  # cancelled while starting, too
                 errors.close()
-                raise SandboxError(f"cannot start an interpreter: {e}") from e
+                if isinstance(e, OSError):
+                    raise SandboxError(f"cannot start an interpreter: {e}") from e
+                raise
             kernel = Kernel(process, workdir, uid, errors)
             workdir = None  # the kernel owns it now
             await kernel.ready()

@@ -212,7 +212,7 @@ async def test_samples_cannot_see_signal_or_limit_each_other_or_the_idle_kernels
 
 
 async def test_disk_and_inodes_are_capped_and_tmp_shm_var_tmp_are_private():
-    sb = sandbox(disk_mb=32, max_files=2000)
+    sb = await no_hook(sandbox(disk_mb=32, max_files=2000))
     marker = f"pipeline-probe-{uuid.uuid4().hex}"
     out = await run1(
         sb,

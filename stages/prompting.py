@@ -11,7 +11,8 @@ native tool-call format gets a style of its own by implementing the same four me
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Literal, Protocol
 
 from pipeline.config import DEFAULT_SYSTEM_PROMPT
 
@@ -101,6 +102,25 @@ def inside_block(text: str) -> bool:
 
 
 _BOXED = re.compile(r"\\boxed\s*\{")
+
+
+def finish_text(
+    text: str, stop: Sequence[str] = (), at_answer: bool = False
+) -> tuple[str, Literal["answer", "stop"] | None, str | None]:
+    """Where a completion's text ends: ``(text, reason, stop string)``.
+
+    With ``at_answer``, right after the first final ``\\boxed{...}`` outside code (``answer_end``)
+    unless a stop string comes before it; else before the first stop string (``"stop"``, and which
+    one); else the text unchanged and ``None``. Every backend cuts its completions with this one rule.
+    """
+    hits = [(text.find(s), s) for s in stop if s in text]
+    first = min(hits) if hits else None
+    end = answer_end(text) if at_answer else None
+    if end is not None and (first is None or end <= first[0]):
+        return text[:end], "answer", None
+    if first is not None:
+        return text[: first[0]], "stop", first[1]
+    return text, None, None
 
 
 def answer_end(text: str) -> int | None:

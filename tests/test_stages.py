@@ -227,3 +227,16 @@ async def test_stage_output_count_matches_input(samples):
     stage = Inference(backend, cfg)
     out = await run_inference(stage, backend, [encoded(i) for i in range(7)])
     assert len(out) == 7 * samples
+
+
+def test_one_rule_cuts_every_backends_completion():
+    from stages.prompting import finish_text
+
+    text = "so \\boxed{42} then ```python\nx\n```"
+    assert finish_text(text, (), at_answer=True) == ("so \\boxed{42}", "answer", None)
+    assert finish_text(text, ("```",), at_answer=True) == ("so \\boxed{42}", "answer", None)
+    assert finish_text("a STOP b \\boxed{1}", ("STOP",), at_answer=True) == ("a ", "stop", "STOP")
+    assert finish_text("x Y z X", ("X", "Y")) == ("x ", "stop", "Y")  # the earliest stop string
+    in_code = "```python\n\\boxed{1}\n"
+    assert finish_text(in_code, (), at_answer=True) == (in_code, None, None)
+    assert finish_text("plain", ("Q",), at_answer=True) == ("plain", None, None)

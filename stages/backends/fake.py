@@ -20,7 +20,7 @@ from anyio.abc import TaskStatus
 
 from stages.backends.base import Completion, MemoryProfile, Request
 from stages.backends.scheduler import BatchScheduler, Row
-from stages.prompting import answer_end
+from stages.prompting import finish_text
 
 Responder = Callable[[str, int], str]
 """``(problem_text, nth_time_this_text_was_generated) -> model output text``."""
@@ -152,13 +152,9 @@ class FakeBackend(CodePoints):
         text = "".join(words[:step])
         ids = tuple(range(1, min(step, len(words)) + 1))
         lp = tuple(-0.5 for _ in ids) if p.logprobs else None
-        hits = [(text.find(s), s) for s in p.stop if s in text]
-        end = answer_end(text) if p.stop_at_answer else None
-        if end is not None and (not hits or end <= min(hits)[0]):
-            return Completion(ids, text[:end], "answer", logprobs=lp)
-        if hits:
-            at, s = min(hits)
-            return Completion(ids, text[:at], "stop", stop_string=s, logprobs=lp)
+        cut, reason, found = finish_text(text, p.stop, p.stop_at_answer)
+        if reason is not None:
+            return Completion(ids, cut, reason, stop_string=found, logprobs=lp)
         if step >= len(words):
             return Completion(ids, text, "eos", logprobs=lp)
         if step >= p.max_new_tokens:

@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 
 from stages.backends.base import Backend, BackendError, Completion, FinishReason, MemoryProfile, Request
 from stages.backends.fake import CodePoints
-from stages.prompting import answer_end
+from stages.prompting import finish_text
 
 _WORD = re.compile(r"\S+\s*|\s+")
 _REASONS = ("eos", "length", "stop", "answer", "aborted")
@@ -148,14 +148,9 @@ def _completion(rec: dict[str, Any], request: Request) -> Completion:
         return Completion(tuple(range(len(words))), text, reason, rec.get("stop_string"), logprobs)
     words = _WORD.findall(text)[: p.max_new_tokens]
     cut = "".join(words)
-    end = answer_end(cut) if p.stop_at_answer else None
-    hits = [(cut.find(s), s) for s in p.stop if s in cut]
-    stop_string = None
-    if end is not None and (not hits or end <= min(hits)[0]):
-        cut, reason = cut[:end], "answer"
-    elif hits:
-        at, stop_string = min(hits)
-        cut, reason = cut[:at], "stop"
+    cut, how, stop_string = finish_text(cut, p.stop, p.stop_at_answer)
+    if how is not None:
+        reason = how
     elif len(words) < len(_WORD.findall(text)):
         reason = "length"
     else:

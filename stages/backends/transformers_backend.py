@@ -27,7 +27,7 @@ from anyio.abc import TaskStatus
 from stages.backends.base import BackendError, Completion, MemoryProfile, Request
 from stages.backends.models import resolve_model
 from stages.backends.scheduler import BatchScheduler, Row
-from stages.prompting import answer_end
+from stages.prompting import finish_text
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -342,18 +342,11 @@ class TransformersBackend:
         ids = tuple(new[:n])
         text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
         lp = tuple(logprobs[:n]) if logprobs is not None else None
-        if reason == "answer":
-            end = answer_end(text)
-            hits = [text.find(s) for s in stop if s in text]
-            if end is None or (hits and min(hits) < end):
+        if reason in ("answer", "stop"):  # only the rule asked for ends it here; else it ran out
+            cut, how, found = finish_text(text, stop, at_answer=reason == "answer")
+            if how != reason:
                 return Completion(ids, text, "length", logprobs=lp)
-            return Completion(ids, text[:end], "answer", logprobs=lp)
-        if reason == "stop":
-            hits = [(text.find(s), s) for s in stop if s in text]
-            if not hits:
-                return Completion(ids, text, "length", logprobs=lp)
-            at, found = min(hits)
-            return Completion(ids, text[:at], "stop", stop_string=found, logprobs=lp)
+            return Completion(ids, cut, how, stop_string=found, logprobs=lp)
         return Completion(ids, text, "eos" if reason == "eos" else "length", logprobs=lp)
 
     def _run_batch(self, rows: list[Row]) -> None:

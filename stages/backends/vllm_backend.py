@@ -29,7 +29,7 @@ from pipeline.config import Config
 from stages.backends.base import BackendError, Completion, FinishReason, MemoryProfile, Request
 from stages.backends.models import resolve_model
 from stages.backends.transformers_backend import choose_device_dtype
-from stages.prompting import answer_end
+from stages.prompting import finish_text
 
 GIB = 1024**3
 INSTALL_VLLM = (
@@ -257,9 +257,9 @@ class VllmBackend:
             async for out in stream:
                 final = out
                 if request.params.stop_at_answer and out.outputs:
-                    end = answer_end(out.outputs[0].text)
-                    if end is not None:  # leaving the generator aborts the request in the engine
-                        return self.answered(out.outputs[0], end, request.params.logprobs)
+                    cut, how, _ = finish_text(out.outputs[0].text, (), at_answer=True)
+                    if how == "answer":  # leaving the generator aborts the request in the engine
+                        return self.answered(out.outputs[0], len(cut), request.params.logprobs)
         except Exception as e:
             if self.engine.errored:
                 raise BackendError(f"the vLLM engine died: {e}") from e

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from stages.backends.base import MemoryProfile
+from stages.backends.base import MemoryProfile, kv_bytes_per_token
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -208,13 +208,9 @@ def estimate_profile(folder: Path, dtype_bytes: int) -> MemoryProfile | None:
             for name, info in header.items():
                 if name != "__metadata__":
                     params += math.prod(info["shape"])
-        layers = int(config["num_hidden_layers"])
-        heads = int(config.get("num_key_value_heads") or config["num_attention_heads"])
-        head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+        kv = kv_bytes_per_token(config, dtype_bytes)
     except (OSError, ValueError, KeyError, TypeError, struct.error):
         return None
     if params == 0:
         return None
-    return MemoryProfile(
-        weights_bytes=params * dtype_bytes, kv_bytes_per_token=2 * layers * heads * head_dim * dtype_bytes
-    )
+    return MemoryProfile(weights_bytes=params * dtype_bytes, kv_bytes_per_token=kv)

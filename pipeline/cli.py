@@ -391,7 +391,7 @@ def memory_derivation(cfg: Config) -> str:
     """How the memory budget would be spent, estimated before loading (the run's summary shows the
     measured plan): weights from the model files' tensor shapes, KV cache from its config."""
     from pipeline.budget import estimate_profile, plan_memory
-    from stages.backends.base import MemoryProfile
+    from stages.backends.base import DTYPE_BYTES, MemoryProfile
     from stages.backends.models import DEFAULT_MODEL_NAME, cache_root
 
     m = cfg.model
@@ -413,7 +413,7 @@ def memory_derivation(cfg: Config) -> str:
         return f"{budget}; the split cannot be estimated here: {e}"
     if m.quantize in ("int8", "int4") and device == "cpu":
         dtype = "float32"  # int8 on CPU quantises float32 linear layers
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    size = DTYPE_BYTES[dtype]
     profile = estimate_profile(folder, size)
     if profile is not None and m.quantize in ("int8", "int4"):  # weights at 1 or half a byte a parameter
         per = 1.0 if m.quantize == "int8" else 0.5

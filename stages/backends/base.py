@@ -10,9 +10,9 @@ is the backend's business: the transformers adapter micro-batches, vLLM batches 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from anyio.abc import TaskStatus
 
@@ -98,6 +98,28 @@ class MemoryProfile:
 
     weights_bytes: int
     kv_bytes_per_token: int
+
+
+# bytes per value of the dtypes a model runs in (weights, KV cache)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
+    """The KV cache one token takes: 2 x layers x KV heads x head dim x ``dtype_bytes``.
+
+    ``config`` is a model's ``config.json`` as a dict, or a transformers config object.
+
+    Raises:
+        KeyError, AttributeError, TypeError: the config lacks the model's shape.
+    """
+
+    def get(key: str) -> Any:
+        return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+    layers = int(get("num_hidden_layers"))
+    heads = int(get("num_key_value_heads") or get("num_attention_heads"))
+    head_dim = int(get("head_dim") or get("hidden_size") // get("num_attention_heads"))
+    return 2 * layers * heads * head_dim * dtype_bytes
 
 
 class BackendError(RuntimeError):

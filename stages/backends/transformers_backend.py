@@ -24,12 +24,17 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from stages.backends.base import BackendError, Completion, MemoryProfile, Request
+from stages.backends.base import (
+    DTYPE_BYTES,
+    BackendError,
+    Completion,
+    MemoryProfile,
+    Request,
+    kv_bytes_per_token,
+)
 from stages.backends.models import resolve_model
 from stages.backends.scheduler import BatchScheduler, Row
 from stages.prompting import finish_text
-
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -435,11 +440,7 @@ class TransformersBackend:
             if packed is not None and callable(getattr(module, "weight", None)):
                 w = module.weight()
                 weights += w.numel() * w.element_size()
-        c = self.model.config
-        layers = int(c.num_hidden_layers)
-        heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
-        head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
-        kv = 2 * layers * heads * head_dim * _DTYPE_BYTES[self.dtype]
+        kv = kv_bytes_per_token(self.model.config, DTYPE_BYTES[self.dtype])
         return MemoryProfile(weights_bytes=weights, kv_bytes_per_token=kv)
 
     def close(self) -> None:

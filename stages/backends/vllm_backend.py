@@ -26,7 +26,15 @@ import anyio
 from anyio.abc import TaskStatus
 
 from pipeline.config import Config
-from stages.backends.base import BackendError, Completion, FinishReason, MemoryProfile, Request
+from stages.backends.base import (
+    DTYPE_BYTES,
+    BackendError,
+    Completion,
+    FinishReason,
+    MemoryProfile,
+    Request,
+    kv_bytes_per_token,
+)
 from stages.backends.models import resolve_model
 from stages.backends.transformers_backend import choose_device_dtype
 from stages.prompting import finish_text
@@ -41,10 +49,6 @@ INSTALL_VLLM = (
 def vllm_available() -> bool:
     """Whether vLLM is installed (without importing it: that takes seconds)."""
     return importlib.util.find_spec("vllm") is not None
-
-
-def _dtype_bytes(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
 
 
 def engine_settings(cfg: Config, *, device: str, dtype: str, folder: str, max_context: int) -> dict[str, Any]:
@@ -150,15 +154,12 @@ class VllmBackend:
         context = int(getattr(hf, "max_position_embeddings", 2048))
         settings = engine_settings(cfg, device=device, dtype=dtype, folder=str(folder), max_context=context)
         if device == "cpu":
-            layers = int(hf.num_hidden_layers)
-            heads = int(getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads)
-            head_dim = int(getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
             kv_dtype = dtype if settings["kv_cache_dtype"] == "auto" else "float16"
             weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
             env = cpu_environment(
                 cfg,
                 weights_bytes=weights,
-                kv_bytes_per_token=2 * layers * heads * head_dim * _dtype_bytes(kv_dtype),
+                kv_bytes_per_token=kv_bytes_per_token(hf, DTYPE_BYTES.get(kv_dtype, 2)),
                 max_len=settings["max_model_len"],
                 max_seqs=settings["max_num_seqs"],
             )

@@ -2,7 +2,7 @@
 
 ```
 feeder (one per stream() call)      engine (one per Pipeline, in its task group)
-  parse → slot → cache ─miss─► jobs ─► tokenize ─► inference ─► verification ×N ─► extraction ─► router
+  parse → slot → cache ─miss─► jobs ─► tokenize ─► inference ─► verification ×N ─► vote ─► router
             │      └─hit / in flight: follow───────────────────────────────────────────────┐    │
             └─bad line──────────────────────────────────────────────────────────────► route ◄┴────┘
 ```

@@ -743,8 +743,6 @@ class Session:
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
         self.kernel: Kernel | None = None
-        self.cells = 0
-        self.clean = 0
 
     async def run(self, code: str) -> CellResult:
         """Run one cell of this sample's code. Never raises for what the code did; a timeout, crash or
@@ -760,7 +758,6 @@ class Session:
             self.kernel = await sb.acquire()
             sb.stats.wait_s += time.perf_counter() - waited
         kernel = self.kernel
-        self.cells += 1
         sb.stats.cells += 1
         started = time.perf_counter()
         healthy = False
@@ -787,9 +784,7 @@ class Session:
             if not healthy:  # timed out, died, or cancelled mid-cell: its state is unknown
                 self.kernel = None
                 await sb.release(kernel)
-        if result.error is None:
-            self.clean += 1
-        else:
+        if result.error is not None:
             sb.stats.errors += 1
         return result
 

@@ -1,6 +1,6 @@
-"""Regression tests for four core defects: a checker exception killing the run, a worker's stray
-output corrupting the pipe protocol, an idle standard input that Ctrl-C cannot interrupt, and one
-verification copy hoarding the work of the others."""
+"""The verification workers and the standard-input reader: a checker exception is one sample's
+failure, a worker's stray output cannot corrupt the pipe protocol, an idle standard input ends at
+once on Ctrl-C, and the verification copies share the queued work."""
 
 from __future__ import annotations
 

@@ -22,11 +22,12 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from pipeline.admission import Route, Ticket
 from pipeline.budget import MemoryPlan, plan_memory
 from pipeline.cache import ResultCache
 from pipeline.config import Config
 from pipeline.items import Problem, Result
-from pipeline.runner import Engine, Route, RunStats
+from pipeline.runner import Engine, RunStats
 from stages.backends.base import Backend, BackendError
 from stages.parse import RecordConverter
 from stages.verification import Verification
@@ -275,7 +276,9 @@ class Pipeline:
         """
         engine = self.engine
         assert self._tg is not None
-        send, receive = anyio.create_memory_object_stream[Result](self.config.run.max_in_flight)
+        send, receive = anyio.create_memory_object_stream[tuple[Result, Ticket]](
+            self.config.run.max_in_flight
+        )
         route = Route(send)
         scope = anyio.CancelScope()
         self._feeders.append(scope)
@@ -286,8 +289,8 @@ class Pipeline:
 
         self._tg.start_soon(feed)
         try:
-            async for result in receive:
-                engine.slots.release()
+            async for result, ticket in receive:
+                ticket.release()
                 yield result
         finally:
             scope.cancel()
@@ -298,10 +301,10 @@ class Pipeline:
             # Give back the slots of results already made that nobody will read.
             while True:
                 try:
-                    receive.receive_nowait()
+                    _, ticket = receive.receive_nowait()
                 except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                     break
-                engine.slots.release()
+                ticket.release()
             receive.close()
             send.close()
         if route.error is not None:

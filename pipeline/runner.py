@@ -26,8 +26,8 @@ from typing import Any
 import anyio
 import structlog
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectSendStream
 
+from pipeline.admission import Admission, Route, Ticket
 from pipeline.budget import TimePlanner
 from pipeline.cache import ResultCache, cache_key
 from pipeline.config import Config
@@ -104,26 +104,15 @@ class RunStats:
         return out
 
 
-class Route:
-    """Where one ``stream()`` call's results go, and when that stream is complete."""
-
-    def __init__(self, channel: MemoryObjectSendStream[Result]) -> None:
-        self.channel = channel
-        self.outstanding = 0
-        self.fed_all = False
-        self.error: BaseException | None = None
-
-    def finish_if_done(self) -> None:
-        """Close the channel once the input is exhausted and every result has been handed over."""
-        if self.fed_all and self.outstanding == 0:
-            self.channel.close()
-
-
 @dataclass
 class _Waiter:
     problem: Problem
-    route: Route
+    ticket: Ticket
     key: str
+
+    @property
+    def route(self) -> Route:
+        return self.ticket.route
 
 
 class Engine:
@@ -149,7 +138,7 @@ class Engine:
             planner=self.planner,
         )
         self.verification = verification or Verification(cfg)
-        self.slots = anyio.Semaphore(cfg.run.max_in_flight)
+        self.admission = Admission(cfg.run.max_in_flight)
         self.stats = RunStats()
         self._serial = 0
         self._waiters: dict[int, list[_Waiter]] = {}
@@ -170,7 +159,6 @@ class Engine:
                 "results": self._results[0],
             }
         )
-        self.admit_wait_s = 0.0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start the backend's scheduler, then every stage; return once ``close()`` has let the stages
@@ -217,7 +205,7 @@ class Engine:
         out: dict[str, Any] = {
             "queues": self.gauge.report(),
             "waits_s": {
-                "admission_slot": round(self.admit_wait_s, 3),
+                "admission_slot": round(self.admission.wait_s, 3),
                 "request_slot": round(inf.queue_wait_s, 3),
                 "verification_busy": round(self.verification.busy_s, 3),
             },
@@ -285,18 +273,20 @@ class Engine:
             route.fed_all = True
             route.finish_if_done()
 
+    @property
+    def slots(self) -> Admission:
+        """The admission limit (``slots.value``: slots free now)."""
+        return self.admission
+
     async def _admit(self, item: Problem | Result, route: Route) -> None:
-        waited = time.perf_counter()
-        await self.slots.acquire()
-        self.admit_wait_s += time.perf_counter() - waited
-        route.outstanding += 1
+        ticket = await self.admission.admit(route)
         try:
             if isinstance(item, Result):
-                await self._deliver(item, route)
+                await self._deliver(item, ticket)
                 return
             if self.planner is not None and self.planner.spent():
                 self.stats.out_of_time += 1
-                await self._deliver(self._out_of_time(item), route)
+                await self._deliver(self._out_of_time(item), ticket)
                 return
             timeout = self.cfg.run.problem_timeout_s
             if timeout is not None and item.deadline is None and self.planner is None:
@@ -304,17 +294,16 @@ class Engine:
             key = cache_key(item.text, self.fingerprint)
             serial = self._by_key.get(key)
             if serial is not None:  # the same problem is already being computed: share it
-                self._waiters[serial].append(_Waiter(item, route, key))
+                self._waiters[serial].append(_Waiter(item, ticket, key))
                 return
             # Reserve the key before any await, so an identical problem arriving meanwhile follows this
             # one instead of becoming a second leader.
             self._serial += 1
             serial = self._serial
             self._by_key[key] = serial
-            self._waiters[serial] = [_Waiter(item, route, key)]
+            self._waiters[serial] = [_Waiter(item, ticket, key)]
         except BaseException:
-            route.outstanding -= 1
-            self.slots.release()
+            ticket.close()
             raise
         try:
             hit = await self.cache.get(item, key)
@@ -329,7 +318,7 @@ class Engine:
         with anyio.CancelScope(shield=True):  # the hit is delivered whole even if this feeder is cancelled
             for w in self._waiters.pop(serial, []):
                 await self._deliver(
-                    replace(hit, id=w.problem.id, line=w.problem.line, gold=w.problem.answer), w.route
+                    replace(hit, id=w.problem.id, line=w.problem.line, gold=w.problem.answer), w.ticket
                 )
 
     def _out_of_time(self, p: Problem) -> Result:
@@ -359,7 +348,7 @@ class Engine:
         for w in self._waiters.pop(serial, []):
             p = w.problem
             reason = "cancelled before it was solved"
-            await self._deliver(error_result(p.id, reason, line=p.line, gold=p.answer), w.route)
+            await self._deliver(error_result(p.id, reason, line=p.line, gold=p.answer), w.ticket)
 
     def _release_key(self, key: str, serial: int) -> None:
         if self._by_key.get(key) == serial:
@@ -373,9 +362,9 @@ class Engine:
         for serial in list(self._waiters):
             waiters = self._waiters[serial]
             keep = [w for w in waiters if w.route is not route]
-            for _ in range(len(waiters) - len(keep)):
-                route.outstanding -= 1
-                self.slots.release()
+            for w in waiters:
+                if w.route is route:
+                    w.ticket.close()
             if keep:
                 self._waiters[serial] = keep
                 continue
@@ -385,14 +374,14 @@ class Engine:
             cancelled += 1
         return cancelled
 
-    async def _deliver(self, result: Result, route: Route) -> None:
+    async def _deliver(self, result: Result, ticket: Ticket) -> None:
+        """Hand ``result`` to its caller's channel with its ticket (the caller releases the slot)."""
         self.stats.record(result)
         try:
-            await route.channel.send(result)
+            await ticket.route.channel.send((result, ticket))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self.slots.release()  # the caller has gone; nobody will take this result
-        route.outstanding -= 1
-        route.finish_if_done()
+            ticket.release()  # the caller has gone; nobody will take this result
+        ticket.delivered()
 
     def cleanup(self) -> None:
         """``gc.collect()`` and, where torch uses CUDA, ``torch.cuda.empty_cache()``."""
@@ -430,8 +419,8 @@ class Engine:
                 for w in waiters:
                     p = w.problem
                     if p.id == result.id and p.line == result.line:  # the problem that was computed
-                        await self._deliver(result, w.route)
+                        await self._deliver(result, w.ticket)
                         continue
                     status = "error" if result.status == "error" else "cached"
                     shared = replace(result, id=p.id, line=p.line, gold=p.answer, status=status)
-                    await self._deliver(shared, w.route)
+                    await self._deliver(shared, w.ticket)

@@ -334,3 +334,20 @@ async def test_a_vote_cut_short_by_a_deadline_is_not_cached():
             again = await p.solve({"id": "b", "problem": "partial"})
     assert cut.answer == 6 and cut.finish == {"answer": 1, "aborted": 1}
     assert again.status == "ok" and again.answer == 7  # computed afresh, not the cut-short vote
+
+
+async def test_an_admission_ticket_gives_its_slot_back_once_whatever_path_it_takes():
+    from pipeline.admission import Admission, Route
+
+    send, receive = anyio.create_memory_object_stream(4)
+    admission = Admission(2)
+    route = Route(send)
+    ticket = await admission.admit(route)
+    assert admission.value == 1 and route.outstanding == 1
+    ticket.release()
+    ticket.release()  # a second release cannot widen the limit
+    ticket.close()
+    assert admission.value == 2 and route.outstanding == 0
+    assert admission.statistics().held == 0
+    send.close()
+    receive.close()

@@ -1,6 +1,7 @@
 """aimo-pipeline: a bounded, resumable asyncio streaming pipeline from math problems to integer answers.
 
-The public API: ``Pipeline`` (``async with Pipeline(cfg) as p: async for r in p.stream(problems)``),
+The public API: ``Pipeline``
+(``async with Pipeline(cfg) as p, p.stream(problems) as results: async for r in results``),
 ``Config``, and the items ``Problem`` and ``Result``. Names are imported on first use, so a
 verification worker process that needs only ``pipeline.items`` does not load the whole runtime.
 """

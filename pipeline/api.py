@@ -2,8 +2,9 @@
 
 ```python
 async with Pipeline(Config()) as p:
-    async for result in p.stream(problems):   # Problems, dicts, strings, or an async iterable
-        print(result.id, result.answer)
+    async with p.stream(problems) as results:  # Problems, dicts, strings, or an async iterable
+        async for result in results:
+            print(result.id, result.answer)
     one = await p.solve("What is 2 + 3?")
 ```
 
@@ -264,51 +265,22 @@ class Pipeline:
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
-    async def stream(self, problems: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[Result]:
-        """Solve ``problems`` and yield one ``Result`` per input as each finishes (completion order).
+    def stream(self, problems: AsyncIterable[Any] | Iterable[Any]) -> ResultStream:
+        """Solve ``problems``: one ``Result`` per input as each finishes (completion order).
+
+        Use it as ``async with p.stream(problems) as results: async for r in results: ...``: leaving
+        the block (``break``, an error, cancellation) gives back every slot and cancels the problems
+        only this stream waited for, at once. ``async for r in p.stream(problems)`` works too; there
+        that clean-up waits for the generator to be closed (wrap it in ``contextlib.aclosing``).
 
         Items may be ``Problem``s, dicts (``id`` and ``problem``), strings (ids are their positions),
         or the output of ``stages.parse.read_problems`` (``Problem``s and error ``Result``s).
 
-        Raises:
+        Raises (from the iteration):
             PipelineError: the pipeline has not been entered.
             Exception: whatever reading ``problems`` raised, after the results already made.
         """
-        engine = self.engine
-        assert self._tg is not None
-        send, receive = anyio.create_memory_object_stream[tuple[Result, Ticket]](
-            self.config.run.max_in_flight
-        )
-        route = Route(send)
-        scope = anyio.CancelScope()
-        self._feeders.append(scope)
-
-        async def feed() -> None:
-            with scope:
-                await engine.feed(problems, route)
-
-        self._tg.start_soon(feed)
-        try:
-            async for result, ticket in receive:
-                ticket.release()
-                yield result
-        finally:
-            scope.cancel()
-            self._feeders.remove(scope)
-            if not route.fed_all or route.outstanding:
-                # The caller stopped early: problems only it waits for are cancelled in the engine.
-                engine.abandon(route)
-            # Give back the slots of results already made that nobody will read.
-            while True:
-                try:
-                    _, ticket = receive.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                    break
-                ticket.release()
-            receive.close()
-            send.close()
-        if route.error is not None:
-            raise route.error
+        return ResultStream(self, problems)
 
     async def solve(
         self, problem: Problem | str | dict[str, Any], *, timeout_s: float | None = None
@@ -330,7 +302,68 @@ class Pipeline:
                 problem = converted
             problem = replace(problem, deadline=time.perf_counter() + timeout_s)
         result: Result | None = None
-        async for r in self.stream([problem]):
-            result = r
+        async with self.stream([problem]) as results:
+            async for r in results:
+                result = r
         assert result is not None
         return result
+
+
+class ResultStream:
+    """One ``Pipeline.stream`` call: an async context manager whose value is the results' iterator
+    (the feeder starts on entry; the exit cleans up), and, for the simple form, an async iterable."""
+
+    def __init__(self, pipeline: Pipeline, problems: AsyncIterable[Any] | Iterable[Any]) -> None:
+        self._pipeline = pipeline
+        self._problems = problems
+        self._entered = False
+
+    async def __aenter__(self) -> AsyncIterator[Result]:
+        if self._entered:
+            raise PipelineError("a stream can be entered once")
+        self._entered = True
+        p = self._pipeline
+        engine = p.engine
+        if p._tg is None:
+            raise PipelineError("the pipeline has not been entered (use `async with Pipeline(...)`)")
+        size = p.config.run.max_in_flight
+        self._send, self._receive = anyio.create_memory_object_stream[tuple[Result, Ticket]](size)
+        self._route = route = Route(self._send)
+        self._scope = scope = anyio.CancelScope()
+        p._feeders.append(scope)
+        problems = self._problems
+
+        async def feed() -> None:
+            with scope:
+                await engine.feed(problems, route)
+
+        p._tg.start_soon(feed)
+        return self._results()
+
+    async def _results(self) -> AsyncIterator[Result]:
+        async for result, ticket in self._receive:
+            ticket.release()
+            yield result
+        if self._route.error is not None:
+            raise self._route.error
+
+    async def __aexit__(self, *exc: object) -> None:
+        p, route, receive = self._pipeline, self._route, self._receive
+        self._scope.cancel()
+        p._feeders.remove(self._scope)
+        if not route.fed_all or route.outstanding:
+            # The caller stopped early: problems only it waits for are cancelled in the engine.
+            p.engine.abandon(route)
+        while True:  # give back the slots of results already made that nobody will read
+            try:
+                _, ticket = receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            ticket.release()
+        receive.close()
+        self._send.close()
+
+    async def __aiter__(self) -> AsyncIterator[Result]:
+        async with self as results:
+            async for r in results:
+                yield r

@@ -581,8 +581,9 @@ async def run_stream(
                         if show_progress:
                             await _stream_with_progress(pipeline, items, send, total)
                         else:
-                            async for result in pipeline.stream(items):
-                                await send.send(result)
+                            async with pipeline.stream(items) as results:
+                                async for result in results:
+                                    await send.send(result)
                     watch.cancel_scope.cancel()
         if caught:
             pipeline.abort()
@@ -662,15 +663,16 @@ async def _stream_with_progress(
     )
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         task = progress.add_task("solve", total=total, rate="")
-        async for result in pipeline.stream(items):
-            await send.send(result)
-            s = pipeline.stats.summary()
-            progress.update(
-                task,
-                advance=1,
-                rate=f"answered {s['answered']}, errors {s['errors']}, {s['problems_per_s']:.2f} problems/s, "
-                f"{s['new_tokens_per_s']:.0f} tokens/s",
-            )
+        async with pipeline.stream(items) as results:
+            async for result in results:
+                await send.send(result)
+                s = pipeline.stats.summary()
+                progress.update(
+                    task,
+                    advance=1,
+                    rate=f"answered {s['answered']}, errors {s['errors']}, "
+                    f"{s['problems_per_s']:.2f} problems/s, {s['new_tokens_per_s']:.0f} tokens/s",
+                )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,7 +98,8 @@ class Solver:
             await anyio.sleep_forever()
 
     async def _solve(self, problems: list[Problem]) -> list[Result]:
-        return [r async for r in self.pipeline.stream(problems)]
+        async with self.pipeline.stream(problems) as results:
+            return [r async for r in results]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         """Solve a batch of rows (``serial``, ``id``, ``problem``, ``answer``, ``line``); one result row

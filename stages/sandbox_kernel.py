@@ -44,10 +44,8 @@ import os
 import resource
 import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 _CLONE_NEWNS = 0x00020000
@@ -80,57 +78,6 @@ _DENIED_CALLS = (
     "personality", "syslog", "vhangup", "iopl", "ioperm", "uselib", "lookup_dcookie",
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname",
 )  # fmt: skip
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_PATH_EVENTS = {
-    "os.remove": 1,
-    "os.rename": 2,
-    "os.replace": 2,
-    "os.rmdir": 1,
-    "os.mkdir": 1,
-    "os.chmod": 1,
-    "os.chown": 1,
-    "os.link": 2,
-    "os.symlink": 2,
-    "os.truncate": 1,
-    "os.utime": 1,
-    "shutil.rmtree": 1,
-    "shutil.copyfile": 2,
-    "shutil.copytree": 2,
-    "shutil.move": 2,
-}
-_REFUSED = {
-    "os.fork": "starting processes",
-    "os.forkpty": "starting processes",
-    "os.system": "starting processes",
-    "os.exec": "starting processes",
-    "os.posix_spawn": "starting processes",
-    "os.spawn": "starting processes",
-    "os.startfile": "starting processes",
-    "subprocess.Popen": "starting processes",
-    "pty.spawn": "starting processes",
-    "socket.__new__": "network access",
-    "socket.connect": "network access",
-    "socket.bind": "network access",
-    "socket.getaddrinfo": "network access",
-    "socket.gethostbyname": "network access",
-    "urllib.Request": "network access",
-    "ctypes.dlopen": "ctypes",
-    "ctypes.dlsym": "ctypes",
-    "ctypes.call_function": "ctypes",
-    "ctypes.cdata": "ctypes",
-    "ctypes.addressof": "ctypes",
-    "os.setuid": "changing user",
-    "os.setreuid": "changing user",
-    "sys.addaudithook": "audit hooks",
-    "os.kill": "signals",
-    "os.killpg": "signals",
-    "signal.pthread_kill": "signals",
-    "os.add_dll_directory": "ctypes",
-    "os.chdir": "changing the working directory",
-    "os.chroot": "changing the root directory",
-    "resource.setrlimit": "changing resource limits",
-    "resource.prlimit": "changing resource limits",
-}
 
 
 class _Capped(io.TextIOBase):
@@ -158,95 +105,17 @@ class _Capped(io.TextIOBase):
         return "".join(self.parts)
 
 
-def _inside(path: Any, root: str) -> bool:
-    if isinstance(path, int):
-        return True
-    try:
-        p = os.fsdecode(path)
-    except TypeError:
-        return False
-    full = os.path.realpath(os.path.join(root, p))
-    return full == root or full.startswith(root + os.sep)
+def _load_hook() -> Any:
+    """``sandbox_hook.py`` from beside this file (``-I`` keeps this directory off ``sys.path``)."""
+    import importlib.util
 
-
-def _other_proc(path: Any) -> bool:
-    if isinstance(path, int):
-        return False
-    try:
-        p = os.path.realpath(os.fsdecode(path))
-    except TypeError:
-        return False
-    if not p.startswith("/proc/"):
-        return False
-    head = p.split("/")[2]
-    return head not in ("self", "thread-self", str(os.getpid())) and head.isdigit()
-
-
-def _refuse_dir_outside(path: Any, root: str) -> bool:
-    """A directory outside the working directory opened as a descriptor (a ``dir_fd`` for escaping)."""
-    if isinstance(path, int) or _inside(path, root):
-        return False
-    try:
-        return os.path.isdir(os.fsdecode(path))
-    except (TypeError, ValueError):
-        return False
-
-
-def _install_hook(root: str) -> None:
-    me = os.getpid()
-    local = threading.local()  # per thread: another thread's events are never skipped
-    # the hook's tables and helpers live in its closure, frozen: the module's globals are reachable
-    # from a cell (``sys.modules["__main__"]``), these are not
-    refused = MappingProxyType(dict(_REFUSED))
-    path_events = MappingProxyType(dict(_PATH_EVENTS))
-    inside, other_proc, dir_outside = _inside, _other_proc, _refuse_dir_outside
-    write_flags = _WRITE_FLAGS
-
-    def hook(event: str, args: tuple[Any, ...]) -> None:
-        what = refused.get(event)
-        if what is not None:
-            if event == "os.kill" and args and args[0] in (me, 0):
-                return  # a signal to itself is allowed (it only hurts this kernel)
-            raise PermissionError(f"sandbox: {what} is not allowed ({event})")
-        if getattr(local, "busy", False):  # the checks below raise events of their own
-            return
-        local.busy = True
-        try:
-            if event == "open":
-                path, mode, flags = ([*list(args), None, None, None])[:3]
-                writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                    isinstance(flags, int) and bool(flags & write_flags)
-                )
-                if writing and not inside(path, root):
-                    raise PermissionError(f"sandbox: writing outside the working directory ({path})")
-                if other_proc(path):
-                    raise PermissionError(f"sandbox: reading another process's /proc entry ({path})")
-                if isinstance(flags, int) and dir_outside(path, root):
-                    raise PermissionError(
-                        f"sandbox: opening a directory outside the working directory ({path})"
-                    )
-            elif event in path_events:
-                for p in args[: path_events[event]]:
-                    if not inside(p, root):
-                        raise PermissionError(f"sandbox: changing files outside the working directory ({p})")
-            elif event == "sqlite3.connect" and args and args[0] != ":memory:" and not inside(args[0], root):
-                raise PermissionError(f"sandbox: a database outside the working directory ({args[0]})")
-            elif event == "os.listdir" and args and other_proc(args[0]):
-                raise PermissionError("sandbox: listing another process's /proc entry")
-        finally:
-            local.busy = False
-
-    sys.addaudithook(hook)
-    # calls that raise no audit event: gone from the modules the cell can reach
-    for module, names in (
-        (os, ("mkfifo", "mknod", "pidfd_open", "setxattr", "removexattr")),
-        (signal, ("pidfd_send_signal",)),
-    ):
-        for name in names:
-            if hasattr(module, name):
-                delattr(module, name)
-    sys.modules["_posixsubprocess"] = None  # type: ignore[assignment]
-    sys.modules["_posixshmem"] = None  # type: ignore[assignment]
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_hook.py")
+    spec = importlib.util.spec_from_file_location("_sandbox_hook", path)
+    if spec is None or spec.loader is None:
+        raise OSError(errno.ENOENT, f"no audit hook at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _libc() -> Any:
@@ -418,7 +287,11 @@ def run_cell(code: str, namespace: dict[str, Any], limit: int) -> dict[str, Any]
             error = "MemoryError: the cell ran out of memory"
         else:
             tb = traceback.format_exception(type(e), e, e.__traceback__)
-            cell_frames = "".join(ln for ln in tb if "sandbox_kernel.py" not in ln and _SELF not in ln)
+            cell_frames = "".join(
+                ln
+                for ln in tb
+                if "sandbox_kernel.py" not in ln and _SELF not in ln and "sandbox_hook.py" not in ln
+            )
             error = _last_lines(cell_frames)
     finally:
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
@@ -487,7 +360,7 @@ def main() -> None:
         report = confine(limits)
         root = os.path.realpath(os.getcwd())
         if "audit_hook" in limits.get("layers", []):
-            _install_hook(root)
+            _load_hook().install(root)
             report["audit_hook"] = None
     except Exception as e:  # set-up failed: say so, and stop
         _send(out, {"ready": False, "error": f"{type(e).__name__}: {e}"})

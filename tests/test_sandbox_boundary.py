@@ -469,8 +469,9 @@ async def test_the_audit_hook_keeps_its_tables_out_of_a_cells_reach():
     sb = sandbox()
     out = await run1(
         sb,
-        "import __main__\nfor name in ('_REFUSED', '_PATH_EVENTS'):\n    getattr(__main__, name).clear()\n"
-        "__main__._inside = lambda *a: True\nimport ctypes\nctypes.CDLL(None)",
+        "import __main__, sys\nfor m in (__main__, sys.modules.get('_sandbox_hook')):\n"
+        "    for name in ('_REFUSED', '_PATH_EVENTS'):\n        getattr(m, name, {}).clear()\n"
+        "    if m is not None:\n        m._inside = lambda *a: True\nimport ctypes\nctypes.CDLL(None)",
     )
     assert "ctypes is not allowed" in out
 

@@ -69,7 +69,7 @@ def environment(backend: Backend | None = None) -> dict[str, Any]:
     }
     if backend is not None:
         env["model"] = backend.model_id
-        env["device"] = getattr(backend, "device", "none")
+        env["device"] = backend.device
         env["dtype"] = getattr(backend, "dtype", "none")
     return env
 

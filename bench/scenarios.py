@@ -224,7 +224,7 @@ async def memory(
 
     proc = psutil.Process()
     samples: list[tuple[float, float, float | None]] = []
-    cuda = getattr(backend, "device", "cpu") == "cuda"
+    cuda = backend.device == "cuda"
 
     def gpu_mb() -> float | None:
         if not cuda:

@@ -156,20 +156,17 @@ class Pipeline:
             max_tokens = cfg.batch.max_batch_tokens
             if max_tokens is None:
                 try:
-                    device = getattr(backend, "device", "cpu")
                     profile = backend.memory_profile()
-                    self.memory_plan = plan_memory(profile, cfg.model.memory_gb, device=device)
+                    self.memory_plan = plan_memory(profile, cfg.model.memory_gb, device=backend.device)
                 except ValueError as e:
                     raise PipelineError(str(e)) from e
                 if self.memory_plan is not None:
                     max_tokens = self.memory_plan.max_batch_tokens
-            configure = getattr(backend, "configure", None)
-            if configure is not None:  # a micro-batching backend (transformers, fake)
-                configure(
-                    max_batch_size=cfg.batch.max_batch_size,
-                    max_wait_s=cfg.batch.max_wait_ms / 1000.0,
-                    max_batch_tokens=max_tokens,
-                )
+            backend.configure(  # micro-batching limits (a backend that batches on its own ignores them)
+                max_batch_size=cfg.batch.max_batch_size,
+                max_wait_s=cfg.batch.max_wait_ms / 1000.0,
+                max_batch_tokens=max_tokens,
+            )
             try:
                 cache = ResultCache(cfg.cache.size, cfg.cache.dir)
             except Exception as e:

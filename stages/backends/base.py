@@ -146,6 +146,12 @@ class Backend(Protocol):
 
     model_id: str
     max_context: int
+    device: str  # where the model runs ("cpu", "cuda"): the memory budget's kind of memory
+
+    def configure(self, *, max_batch_size: int, max_wait_s: float, max_batch_tokens: int | None) -> None:
+        """Set the micro-batching limits, once, before ``serve`` (a backend that batches on its own,
+        like vLLM, ignores them)."""
+        ...
 
     def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Render chat ``messages`` through the chat template and return the prompt's token ids."""
@@ -179,3 +185,21 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release the model."""
         ...
+
+
+class BackendBase:
+    """Neutral defaults for the members of ``Backend`` that not every backend needs; a backend
+    inherits them (as Ray Data's operators inherit optional hooks) instead of the pipeline probing
+    with ``getattr``."""
+
+    device: str = "cpu"
+
+    def configure(self, *, max_batch_size: int, max_wait_s: float, max_batch_tokens: int | None) -> None:
+        """Batching limits: ignored by a backend that does not micro-batch."""
+
+    def memory_profile(self) -> MemoryProfile | None:
+        """``None``: the backend manages its own memory (or holds no model)."""
+        return None
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import anyio
 from anyio.abc import TaskStatus
 
-from stages.backends.base import Completion, MemoryProfile, Request
+from stages.backends.base import BackendBase, Completion, MemoryProfile, Request
 from stages.backends.scheduler import BatchScheduler, Row
 from stages.prompting import finish_text
 
@@ -54,7 +54,7 @@ class CodePoints:
         return [ord(c) for c in text]
 
 
-class FakeBackend(CodePoints):
+class FakeBackend(BackendBase, CodePoints):
     """A ``Backend`` whose outputs come from ``responder``.
 
     ``delay_s`` is slept once per batch, ``step_s`` once per decode step (a word of output); ``fail``

@@ -26,7 +26,15 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from stages.backends.base import Backend, BackendError, Completion, FinishReason, MemoryProfile, Request
+from stages.backends.base import (
+    Backend,
+    BackendBase,
+    BackendError,
+    Completion,
+    FinishReason,
+    MemoryProfile,
+    Request,
+)
 from stages.backends.fake import CodePoints
 from stages.prompting import finish_text
 
@@ -35,7 +43,7 @@ _REASONS = ("eos", "length", "stop", "answer", "aborted")
 Key = tuple[str, int | None, int]
 
 
-class ReplayBackend(CodePoints):
+class ReplayBackend(BackendBase, CodePoints):
     """A ``Backend`` that answers each request with the completion recorded for its problem, sample
     and round. A request with no recording fails (that sample's failure, naming what is missing).
     ``speed`` scales the recorded ``seconds``: 1 waits them, 2 half of them, 0 answers at once."""
@@ -159,7 +167,7 @@ def _completion(rec: dict[str, Any], request: Request) -> Completion:
     return Completion(tuple(range(n)), cut, reason, stop_string, logprobs[:n] if logprobs else None)
 
 
-class RecordingBackend:
+class RecordingBackend(BackendBase):
     """Wraps a backend and writes every completion it returns to a replay file (``--record FILE``)."""
 
     def __init__(self, inner: Backend, path: str | Path) -> None:
@@ -167,14 +175,18 @@ class RecordingBackend:
         self.path = Path(path)
         self.model_id = inner.model_id
         self.max_context = inner.max_context
+        self.device = inner.device
         try:
             self._file = self.path.open("w", encoding="utf-8")
         except OSError as e:
             raise BackendError(f"cannot write the record file {self.path}: {e.strerror or e}") from e
         self.written = 0
 
-    def __getattr__(self, name: str) -> Any:  # configure(), device, ... of the wrapped backend
-        return getattr(self.inner, name)
+    def configure(self, *, max_batch_size: int, max_wait_s: float, max_batch_tokens: int | None) -> None:
+        """As the wrapped backend."""
+        self.inner.configure(
+            max_batch_size=max_batch_size, max_wait_s=max_wait_s, max_batch_tokens=max_batch_tokens
+        )
 
     def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """As the wrapped backend."""

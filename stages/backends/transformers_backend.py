@@ -26,6 +26,7 @@ from anyio.abc import TaskStatus
 
 from stages.backends.base import (
     DTYPE_BYTES,
+    BackendBase,
     BackendError,
     Completion,
     MemoryProfile,
@@ -236,7 +237,7 @@ class _EndRows:
         return None
 
 
-class TransformersBackend:
+class TransformersBackend(BackendBase):
     """A causal LM from a local folder. Build it with ``TransformersBackend.load``."""
 
     def __init__(self, model: Any, tokenizer: Any, *, device: str, dtype: str, model_id: str) -> None:

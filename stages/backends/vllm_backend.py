@@ -28,6 +28,7 @@ from anyio.abc import TaskStatus
 from pipeline.config import Config
 from stages.backends.base import (
     DTYPE_BYTES,
+    BackendBase,
     BackendError,
     Completion,
     FinishReason,
@@ -103,7 +104,7 @@ def cpu_environment(
     return {"VLLM_CPU_KVCACHE_SPACE": str(space), "VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved)}
 
 
-class VllmBackend:
+class VllmBackend(BackendBase):
     """vLLM's ``AsyncLLM`` behind the backend protocol. Build it with ``VllmBackend.load``."""
 
     def __init__(

@@ -93,6 +93,11 @@ class Encoded:
         return len(self.prompt_ids)
 
 
+# How a sample ended: it finished (an answer or not), the model failed for it, the problem's time ran
+# out, or it was cancelled (an early stop, a caller gone).
+Outcome = Literal["finished", "failed", "timed_out", "cancelled"]
+
+
 @dataclass(frozen=True)
 class Generation:
     """The model's output for one sample.
@@ -102,7 +107,8 @@ class Generation:
     the sample waited for a request slot, ``inference_s`` how long its request took. ``of`` is how
     many samples its problem has; ``rounds`` how many requests the sample made (one per round of tool
     use), ``cells`` how many code cells it ran and ``clean_cells`` how many of them raised nothing;
-    ``cell_errors`` the last line of each failed cell's error.
+    ``cell_errors`` the last line of each failed cell's error. ``outcome`` says how the sample ended,
+    as a value the vote and the cache decide on (``error`` is only its text for people).
     """
 
     encoded: Encoded
@@ -119,6 +125,7 @@ class Generation:
     cells: int = 0
     clean_cells: int = 0
     cell_errors: tuple[str, ...] = ()
+    outcome: Outcome = "finished"
 
     @property
     def clean_code(self) -> bool:
@@ -143,7 +150,8 @@ class Result:
 
     ``early_stop`` is set when the vote was decided before every sample finished (the rest were
     cancelled); ``cells`` counts the code cells its samples ran in the sandbox, ``code_errors`` says
-    how the failed ones failed (``sample N: ...``, at most ten).
+    how the failed ones failed (``sample N: ...``, at most ten). ``partial``: a sample was cut short
+    (timed out or cancelled), so the result is not stored in the cache.
     """
 
     id: str | None
@@ -164,6 +172,7 @@ class Result:
     early_stop: bool = False
     cells: int = 0
     code_errors: tuple[str, ...] = ()
+    partial: bool = field(default=False, compare=False, repr=False)
 
     @property
     def correct(self) -> bool | None:

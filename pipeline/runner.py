@@ -409,7 +409,7 @@ class Engine:
                 waiters = self._waiters.pop(serial, [])
                 if not waiters:  # everyone who asked has gone
                     continue
-                if result.key is not None and "aborted" not in result.finish:  # a cut-short vote is not kept
+                if result.key is not None and not result.partial:  # a cut-short vote is not kept
                     try:
                         await self.cache.put(result.key, result)
                     except Exception as e:  # a cache failure is a warning; the answers go on

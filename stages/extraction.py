@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-TIME_LIMIT = "time limit reached"
 """The error of a sample cut off by its problem's deadline (``Problem.deadline``)."""
 
 MAX_ANSWER_CHARS = 1000

@@ -34,11 +34,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pipeline.budget import TimePlanner
 from pipeline.config import Config
-from pipeline.items import Encoded, Generation, Result
+from pipeline.items import Encoded, Generation, Outcome, Result
 from stages.backends.base import Backend, Request, SamplingParams, sample_seed
-from stages.extraction import TIME_LIMIT
 from stages.prompting import inside_block, style_for
 from stages.sandbox import Sandbox, SandboxError
+
+TIME_LIMIT = "time limit reached"  # a timed-out sample's error text (its outcome is "timed_out")
 
 
 class InferenceStats:
@@ -293,17 +294,19 @@ class Inference:
         s.queue_wait_s += queue_s
         elapsed = time.perf_counter() - started
         s.new_tokens += out.new_tokens
+        outcome: Outcome
         if finished:
             s.completed += 1
             s.prompt_tokens += encoded.prompt_tokens
-            text, reason = out.text, out.finish
+            text, reason, outcome = out.text, out.finish, "finished"
         elif error is not None:
             s.failed += 1
-            text, reason = "", "error"
+            text, reason, outcome = "", "error", "failed"
         else:
             s.aborted += 1
             timed_out = anyio.current_time() >= scope.deadline
             text, reason = "", "aborted"
+            outcome = "timed_out" if timed_out else "cancelled"
             error = TIME_LIMIT if timed_out else "cancelled"
         await send.send(
             Generation(
@@ -321,5 +324,6 @@ class Inference:
                 cells=out.cells,
                 clean_cells=out.clean,
                 cell_errors=tuple(out.errors),
+                outcome=outcome,
             )
         )

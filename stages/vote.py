@@ -23,7 +23,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from pipeline.config import Config, VoteConfig
 from pipeline.items import Candidate, Result
-from stages.extraction import TIME_LIMIT
 
 MAX_CONFIDENCE = 10.0  # 1 / (0 + 0.1): the most one sample's confidence can multiply its weight by
 
@@ -134,8 +133,12 @@ def build_result(candidates: list[Candidate], cfg: Config, *, early: bool = Fals
         "code_errors": tuple(
             f"sample {c.generation.index}: {e}" for c in candidates for e in c.generation.cell_errors
         )[:10],
+        "partial": any(
+            c.generation.outcome in ("timed_out", "cancelled") or c.generation.finish_reason == "aborted"
+            for c in candidates
+        ),
     }
-    timed_out = [c for c in candidates if c.generation.error == TIME_LIMIT]
+    timed_out = [c for c in candidates if c.generation.outcome == "timed_out"]
     if answer is not None:
         if timed_out:
             done = len(candidates) - len(timed_out)

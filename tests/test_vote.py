@@ -153,3 +153,21 @@ def test_the_answer_is_final_only_outside_code():
     assert end is not None and text[:end].endswith("\\boxed{2}")
     assert answer_end("\\boxed{\\frac{1}{2}") is None  # not closed yet
     assert answer_end("x \\boxed{\\frac{1}{2}} y") == len("x \\boxed{\\frac{1}{2}}")
+
+
+def test_the_vote_and_the_cache_read_a_samples_outcome_not_its_error_text():
+    from dataclasses import replace
+
+    from pipeline.config import Config
+    from stages.vote import build_result
+
+    cfg = Config()
+    done = cand(0, 7, of=2)
+    late = cand(1, None, of=2)
+    late = replace(late, generation=replace(late.generation, outcome="timed_out", error="whatever it says"))
+    r = build_result([done, late], cfg)
+    assert r.status == "fallback" and r.answer == 7 and "time limit reached" in (r.error or "")
+    assert r.partial  # cut short: the cache does not keep it
+    failed = replace(late, generation=replace(late.generation, outcome="failed", error="time limit reached"))
+    r = build_result([done, failed], cfg)
+    assert r.status == "ok" and not r.partial  # a failure that happens to say "time limit" is a failure

@@ -23,14 +23,15 @@ from typing import Any
 
 CHILD = """
 import anyio, json, resource, sys, time
-from pipeline.cli import build_parser, config_from_args, run_stream
+from pipeline.cli import build_parser, config_from_args
+from pipeline.run_file import run_file
 from stages.backends.fake import FakeBackend
 src, out = sys.argv[1], sys.argv[2]
 args = build_parser().parse_args(["stream", src, "-o", out, "--no-progress", "--log-level", "warning",
                                   "--cache-size", "0"])
 cfg = config_from_args(args)
 started = time.perf_counter()
-code = anyio.run(run_stream, args, cfg, FakeBackend(record=False))
+code = anyio.run(run_file, args, cfg, FakeBackend(record=False))
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec
 hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
 print(json.dumps({"code": code, "seconds": time.perf_counter() - started, "peak_rss_mib": hwm / 1024}))

@@ -1,6 +1,6 @@
 """``python -m bench.ray_scaling``: the stream on Ray with 1 and 2 replicas against the local engine.
 
-Two workloads, each through the whole ``stream`` command code (``run_stream``), one after another in
+Two workloads, each through the whole ``stream`` command code (``run_file``), one after another in
 one process, on a local Ray cluster:
 
 - a scripted model that waits 0.5 s per batch of 4 (a model whose time is not this machine's CPU,
@@ -36,13 +36,14 @@ def slow_fake() -> FakeBackend:
 def _run(
     src: Path, out: Path, flags: list[str], backend: Any = None, spec: str | None = None
 ) -> dict[str, Any]:
-    from pipeline.cli import build_parser, config_from_args, run_stream
+    from pipeline.cli import build_parser, config_from_args
+    from pipeline.run_file import run_file
 
     out.unlink(missing_ok=True)
     args = build_parser().parse_args(["stream", str(src), "-o", str(out), "--no-progress", *flags])
     cfg = config_from_args(args)
     started = time.perf_counter()
-    code = anyio.run(run_stream, args, cfg, backend, spec)
+    code = anyio.run(run_file, args, cfg, backend, spec)
     seconds = time.perf_counter() - started
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     return {

@@ -214,3 +214,50 @@ def estimate_profile(folder: Path, dtype_bytes: int) -> MemoryProfile | None:
     if params == 0:
         return None
     return MemoryProfile(weights_bytes=params * dtype_bytes, kv_bytes_per_token=kv)
+
+
+def memory_derivation(cfg: Config) -> str:
+    """How the memory budget would be spent, estimated before loading (the run's summary shows the
+    measured plan): weights from the model files' tensor shapes, KV cache from its config."""
+    from stages.backends.base import DTYPE_BYTES, MemoryProfile
+    from stages.backends.models import DEFAULT_MODEL_NAME, cache_root
+
+    m = cfg.model
+    budget = f"memory budget {m.memory_gb:g} GiB"
+    if m.backend == "replay":
+        return f"{budget}; the replay backend holds no model"
+    if m.path is None:
+        folder = cache_root() / "models" / DEFAULT_MODEL_NAME
+    elif Path(m.path).expanduser().is_dir():
+        folder = Path(m.path).expanduser()
+    else:
+        return f"{budget}; the split is derived once the model file is converted (at the first run)"
+    from stages.backends.transformers_backend import choose_device_dtype
+
+    quantized = {"fp16": "float16", "bf16": "bfloat16"}.get(m.quantize)
+    try:
+        device, dtype = choose_device_dtype(m.device, quantized or m.dtype)
+    except Exception as e:  # e.g. --device cuda without CUDA: the run itself will say so
+        return f"{budget}; the split cannot be estimated here: {e}"
+    if m.quantize in ("int8", "int4") and device == "cpu":
+        dtype = "float32"  # int8 on CPU quantises float32 linear layers
+    size = DTYPE_BYTES[dtype]
+    profile = estimate_profile(folder, size)
+    if profile is not None and m.quantize in ("int8", "int4"):  # weights at 1 or half a byte a parameter
+        per = 1.0 if m.quantize == "int8" else 0.5
+        profile = MemoryProfile(int(profile.weights_bytes / size * per), profile.kv_bytes_per_token)
+    if profile is None:
+        return f"{budget}; the split is derived when the model loads ({folder} not readable yet)"
+    try:
+        plan = plan_memory(profile, m.memory_gb, device=device)
+    except ValueError as e:
+        return f"{budget}: {e}"
+    assert plan is not None
+    cap = cfg.batch.max_batch_tokens
+    note = f" (batch.max_batch_tokens = {cap} overrides it)" if cap is not None else ""
+    return (
+        f"{plan.describe()}{note}. Estimated before loading ({device}, {dtype}): weights from the tensor "
+        f"shapes; KV per token = 2 x layers x kv heads x head dim x {size} bytes; cap = 70% of what the "
+        "budget (on CPU at most the available memory) leaves after the weights, per token of KV. "
+        "The run's summary shows the measured plan."
+    )

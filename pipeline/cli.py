@@ -12,27 +12,19 @@ import argparse
 import json
 import math
 import re
-import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
-import structlog
 
 from pipeline import log as logsetup
-from pipeline.api import Pipeline, PipelineError
+from pipeline.api import PipelineError
+from pipeline.budget import memory_derivation
 from pipeline.config import PRESETS, Config, ConfigError, resolve
-from pipeline.items import Problem, Result
-from pipeline.sink import OutputError, ResultWriter, Written, check_writable, read_written
-from stages.backends.base import Backend
-from stages.parse import InputError, check_source, dedupe, read_problems
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+from pipeline.run_file import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_stream
+from pipeline.sink import OutputError, check_writable
+from stages.parse import InputError, check_source
 
 # flag -> (section, field)
 _FLAG_FIELDS: dict[str, tuple[str, str]] = {
@@ -387,54 +379,6 @@ def resolve_args(args: argparse.Namespace) -> tuple[Config, dict[str, str]]:
     return resolve(getattr(args, "preset", None), getattr(args, "config", None), overrides)
 
 
-def memory_derivation(cfg: Config) -> str:
-    """How the memory budget would be spent, estimated before loading (the run's summary shows the
-    measured plan): weights from the model files' tensor shapes, KV cache from its config."""
-    from pipeline.budget import estimate_profile, plan_memory
-    from stages.backends.base import DTYPE_BYTES, MemoryProfile
-    from stages.backends.models import DEFAULT_MODEL_NAME, cache_root
-
-    m = cfg.model
-    budget = f"memory budget {m.memory_gb:g} GiB"
-    if m.backend == "replay":
-        return f"{budget}; the replay backend holds no model"
-    if m.path is None:
-        folder = cache_root() / "models" / DEFAULT_MODEL_NAME
-    elif Path(m.path).expanduser().is_dir():
-        folder = Path(m.path).expanduser()
-    else:
-        return f"{budget}; the split is derived once the model file is converted (at the first run)"
-    from stages.backends.transformers_backend import choose_device_dtype
-
-    quantized = {"fp16": "float16", "bf16": "bfloat16"}.get(m.quantize)
-    try:
-        device, dtype = choose_device_dtype(m.device, quantized or m.dtype)
-    except Exception as e:  # e.g. --device cuda without CUDA: the run itself will say so
-        return f"{budget}; the split cannot be estimated here: {e}"
-    if m.quantize in ("int8", "int4") and device == "cpu":
-        dtype = "float32"  # int8 on CPU quantises float32 linear layers
-    size = DTYPE_BYTES[dtype]
-    profile = estimate_profile(folder, size)
-    if profile is not None and m.quantize in ("int8", "int4"):  # weights at 1 or half a byte a parameter
-        per = 1.0 if m.quantize == "int8" else 0.5
-        profile = MemoryProfile(int(profile.weights_bytes / size * per), profile.kv_bytes_per_token)
-    if profile is None:
-        return f"{budget}; the split is derived when the model loads ({folder} not readable yet)"
-    try:
-        plan = plan_memory(profile, m.memory_gb, device=device)
-    except ValueError as e:
-        return f"{budget}: {e}"
-    assert plan is not None
-    cap = cfg.batch.max_batch_tokens
-    note = f" (batch.max_batch_tokens = {cap} overrides it)" if cap is not None else ""
-    return (
-        f"{plan.describe()}{note}. Estimated before loading ({device}, {dtype}): weights from the tensor "
-        f"shapes; KV per token = 2 x layers x kv heads x head dim x {size} bytes; cap = 70% of what the "
-        "budget (on CPU at most the available memory) leaves after the weights, per token of KV. "
-        "The run's summary shows the measured plan."
-    )
-
-
 def print_config(cfg: Config, sources: dict[str, str]) -> None:
     """The resolved settings as TOML, each with where it came from, then the memory derivation."""
     for section, values in cfg.to_dict().items():
@@ -450,229 +394,6 @@ def print_config(cfg: Config, sources: dict[str, str]) -> None:
             print(f"{line:<60} # {sources[f'{section}.{key}']}")
         print()
     print(f"# {memory_derivation(cfg)}")
-
-
-def _count_lines(path: str) -> int | None:
-    if path == "-":
-        return None
-    with open(path, "rb") as f:
-        return sum(1 for line in f if line.strip())
-
-
-async def _skip_written(
-    items: AsyncIterator[Problem | Result], done: Written
-) -> AsyncIterator[Problem | Result]:
-    """Skip inputs that already have their result; a repeat of an id finished earlier is still a
-    duplicate (the duplicate-id policy sees the earlier run's first occurrences)."""
-    seen = dict(done.first_lines)
-    async for item in items:
-        if not done.has(item.id, item.line):
-            yield dedupe(item, seen)
-
-
-def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The few metrics the summary shows (the rest go to ``--metrics-json``)."""
-    out: dict[str, Any] = {"peak_rss_mib": metrics["memory"]["peak_rss_mib"]}
-    if "cuda_max_allocated_mib" in metrics["memory"]:
-        out["cuda_max_allocated_mib"] = metrics["memory"]["cuda_max_allocated_mib"]
-    if "batches" in metrics:
-        b = metrics["batches"]
-        out["batch_fill"] = f"{b['prompt_fill']} (mean {b['mean_rows']} rows in {b['batches']} batches)"
-    peaks = {k: f"{q['peak']}/{q['capacity']:g}" for k, q in metrics["queues"].items()}
-    out["queue_peaks"] = ", ".join(f"{k} {v}" for k, v in peaks.items())
-    waits = metrics["waits_s"]
-    out["waits_s"] = ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in waits.items())
-    if "memory_plan" in metrics:
-        out["memory_plan"] = metrics["memory_plan"]
-    return out
-
-
-def _write_metrics(path: str, summary: dict[str, Any], metrics: dict[str, Any], cfg: Config) -> None:
-    data = {"summary": summary, "metrics": metrics, "config": cfg.to_dict()}
-    try:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, default=str)
-    except OSError as e:  # the answers are written; a metrics file that cannot be is a warning
-        structlog.get_logger("pipeline.cli").warning("cannot write the metrics file", path=path, error=str(e))
-
-
-def _print_summary(summary: dict[str, Any]) -> None:
-    width = max(len(k) for k in summary)
-    lines = [f"  {k.replace('_', ' '):<{width}}  {v}" for k, v in summary.items()]
-    print("summary\n" + "\n".join(lines), file=sys.stderr)
-
-
-async def _until_stopped(
-    items: AsyncIterator[Problem | Result], stop: anyio.Event, read: list[int]
-) -> AsyncIterator[Problem | Result]:
-    async for item in items:
-        if stop.is_set():
-            return
-        read[0] += 1
-        yield item
-
-
-async def _watch_signals(
-    stop: anyio.Event, consume: anyio.CancelScope, grace_s: float, caught: list[str]
-) -> None:
-    """First SIGINT/SIGTERM: stop reading input and give in-flight work ``grace_s``; second: stop now."""
-    logger = structlog.get_logger("pipeline.cli")
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            if stop.is_set():
-                consume.cancel()
-                continue
-            caught.append(signal.Signals(signum).name)
-            stop.set()
-            consume.deadline = min(consume.deadline, anyio.current_time() + grace_s)
-            logger.warning(
-                "stopping: no new input is read; in-flight problems get a grace period",
-                signal=caught[-1],
-                grace_s=grace_s,
-            )
-
-
-async def run_stream(
-    args: argparse.Namespace, cfg: Config, backend: Backend | None = None, backend_spec: str | None = None
-) -> int:
-    """The ``stream`` command (after its arguments were checked); ``backend`` replaces the configured
-    model (the tests drive the whole command with a scripted one); with ``--engine ray``,
-    ``backend_spec`` (``"module:callable"``) builds one in each actor."""
-    logger = structlog.get_logger("pipeline.cli")
-    done = Written()
-    if args.resume:
-        if not args.output:
-            raise OutputError("--resume needs --output (the file to resume)")
-        done = read_written(args.output)
-        logger.info(
-            "resuming", output=args.output, already_written=done.count, repaired_last_line=done.repaired
-        )
-    show_progress = sys.stderr.isatty() and not args.no_progress
-    spread = cfg.time.budget_s is not None and cfg.time.expected_problems is None
-    to_do = None
-    if show_progress or spread:  # counting costs a second read of the input: only when needed
-        lines = await anyio.to_thread.run_sync(_count_lines, args.input)
-        to_do = None if lines is None else max(0, lines - done.count)
-    total = to_do if show_progress else None
-    if spread and to_do is not None:  # the budget is spread over what is left to do
-        cfg = cfg.replace(time={"expected_problems": max(1, to_do)})
-        logger.info("time budget", seconds=cfg.time.budget_s, problems=cfg.time.expected_problems)
-    items: AsyncIterator[Problem | Result] = read_problems(args.input)
-    if args.resume:
-        items = _skip_written(items, done)
-    stop = anyio.Event()
-    read = [0]
-    items = _until_stopped(items, stop, read)
-    writer = ResultWriter(args.output, args.submission, fallback=cfg.answer.fallback or 0)
-    if args.engine == "ray":
-        return await _run_on_ray(args, cfg, items, writer, backend_spec)
-    caught: list[str] = []
-    async with Pipeline(cfg, backend=backend) as pipeline:
-        if pipeline.memory_plan is not None:
-            logger.info("memory plan", plan=pipeline.memory_plan.describe())
-        logger.info("model loaded", model=pipeline.backend.model_id)
-        send, receive = anyio.create_memory_object_stream[Result](cfg.run.max_in_flight)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(writer.run, receive)
-            with anyio.CancelScope() as consume:
-                async with anyio.create_task_group() as watch:
-                    watch.start_soon(_watch_signals, stop, consume, args.grace_s, caught)
-                    async with send:
-                        if show_progress:
-                            await _stream_with_progress(pipeline, items, send, total)
-                        else:
-                            async with pipeline.stream(items) as results:
-                                async for result in results:
-                                    await send.send(result)
-                    watch.cancel_scope.cancel()
-        if caught:
-            pipeline.abort()
-        summary = pipeline.stats.summary()
-        metrics = pipeline.metrics()
-    summary.update(_headline(metrics))
-    _print_summary(summary)
-    if args.metrics_json:
-        _write_metrics(args.metrics_json, summary, metrics, cfg)
-    logger.info("done", **summary)
-    if caught:
-        where = f"--output {args.output}" if args.output else "an --output file"
-        print(
-            f"interrupted by {caught[0]}: {writer.written} results written of {read[0]} input lines read; "
-            "unfinished problems were not. "
-            f"Run the same command with --resume and {where} to finish the rest.",
-            file=sys.stderr,
-        )
-        return EXIT_INTERRUPTED
-    return EXIT_OK
-
-
-async def _run_on_ray(
-    args: argparse.Namespace,
-    cfg: Config,
-    items: AsyncIterator[Problem | Result],
-    writer: ResultWriter,
-    backend_spec: str | None,
-) -> int:
-    from pipeline.ray_engine import RayOptions, init_ray, stream_on_ray
-    from pipeline.runner import RunStats
-
-    logger = structlog.get_logger("pipeline.cli")
-    options = RayOptions(
-        address=args.ray_address,
-        replicas=args.replicas,
-        cpus=args.cpus_per_replica,
-        gpus=args.gpus_per_replica,
-        batch_size=args.ray_batch_size,
-        backend=backend_spec,
-    )
-    try:
-        ray = await anyio.to_thread.run_sync(init_ray, options)
-        resources = await anyio.to_thread.run_sync(ray.cluster_resources)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise PipelineError(f"cannot start or join the Ray cluster: {e}") from e
-    logger.info("ray", address=args.ray_address or "local", replicas=options.replicas, resources=resources)
-    stats = RunStats()
-    send, receive = anyio.create_memory_object_stream[Result](cfg.run.max_in_flight)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(writer.run, receive)
-        async with send:
-            async for result in stream_on_ray(items, cfg, options):
-                stats.record(result)
-                await send.send(result)
-    summary = stats.summary()
-    summary["engine"] = f"ray, {options.replicas} replicas"
-    _print_summary(summary)
-    if args.metrics_json:  # the replicas' own metrics stay on the cluster; the run's figures are here
-        _write_metrics(args.metrics_json, summary, {"engine": "ray", "replicas": options.replicas}, cfg)
-    logger.info("done", **summary)
-    return EXIT_OK
-
-
-async def _stream_with_progress(
-    pipeline: Pipeline, items: AsyncIterator[Problem | Result], send: Any, total: int | None
-) -> None:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (
-        TextColumn("solving"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        task = progress.add_task("solve", total=total, rate="")
-        async with pipeline.stream(items) as results:
-            async for result in results:
-                await send.send(result)
-                s = pipeline.stats.summary()
-                progress.update(
-                    task,
-                    advance=1,
-                    rate=f"answered {s['answered']}, errors {s['errors']}, "
-                    f"{s['problems_per_s']:.2f} problems/s, {s['new_tokens_per_s']:.0f} tokens/s",
-                )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

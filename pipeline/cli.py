@@ -21,7 +21,8 @@ import anyio
 from pipeline import log as logsetup
 from pipeline.api import PipelineError
 from pipeline.budget import memory_derivation
-from pipeline.config import PRESETS, Config, ConfigError, resolve
+from pipeline.config import Config, ConfigError
+from pipeline.presets import PRESETS, resolve
 from pipeline.run_file import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_stream
 from pipeline.sink import OutputError, check_writable
 from stages.parse import InputError, check_source

@@ -101,7 +101,7 @@ def test_backend_and_engine_flags_reach_the_config():
 
 @pytest.mark.parametrize("name", ["max-accuracy", "max-speed", "low-memory", "timeout-safe", "sequential"])
 def test_each_preset_resolves_to_its_documented_settings(name):
-    from pipeline.config import PRESETS
+    from pipeline.presets import PRESETS
 
     cfg = config_from_args(build_parser().parse_args(["stream", "x.jsonl", "--preset", name]))
     for section, values in PRESETS[name].items():

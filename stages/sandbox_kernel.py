@@ -55,6 +55,7 @@ _MS_BIND = 4096
 _MS_REC = 16384
 _MS_PRIVATE = 1 << 18
 _PR_CAPBSET_DROP = 24
+_PR_SET_DUMPABLE = 4
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _TIOCSTI = 0x5412
 WORKDIR = "/tmp/work"
@@ -225,6 +226,8 @@ def _seccomp() -> None:
     f.add_rule(deny, "clone", sc.Arg(0, sc.MASKED_EQ, _CLONE_THREAD, 0))  # threads yes, processes no
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # flags behind a pointer: glibc falls back to clone
     f.add_rule(deny, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, _TIOCSTI))
+    # dumpable again would give the cell its own /proc/self files back (oom_score_adj among them)
+    f.add_rule(deny, "prctl", sc.Arg(0, sc.EQ, _PR_SET_DUMPABLE))
     f.load()
     if _status().get("Seccomp") != "2":
         raise OSError(errno.EPERM, "the filter is not in force")

@@ -153,7 +153,8 @@ def _bwrap_command(bwrap: str, userns: bool) -> list[str]:
     else:
         cmd += ["--cap-drop", "ALL"]
     # for the kernel's own set-up only (its tmpfs, the uid drop); ``identity`` drops them all
-    for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN"):
+    # (CAP_SYS_RESOURCE: oom_score_adj 1000 is then also the floor, which the kernel cannot lower)
+    for cap in ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN", "CAP_SYS_RESOURCE"):
         cmd += ["--cap-add", cap]
     return [*cmd, *_root_fs_args()]
 

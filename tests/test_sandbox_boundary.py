@@ -500,3 +500,18 @@ async def test_a_launcher_that_fails_says_why(monkeypatch):
     monkeypatch.setattr(sandbox_mod, "_bwrap_command", lambda *a: [*real(*a), "--no-such-option"])
     with pytest.raises(SandboxError, match="no-such-option"):
         await sb._launch(c.launcher, c.bwrap, c.holds)
+
+
+async def test_a_kernel_cannot_lower_its_oom_score_again():
+    """Found by attacking: ``prctl(PR_SET_DUMPABLE, 1)`` gave the cell its /proc/self files back, and
+    ``oom_score_adj`` went from 1000 to 0 (the pipeline would be killed first under memory pressure)."""
+    sb = await no_hook(sandbox())
+    out = await run1(
+        sb,
+        "import ctypes, errno\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "r = libc.prctl(4, 1, 0, 0, 0)\nprint('dumpable', r, errno.errorcode.get(ctypes.get_errno()))\n"
+        "try:\n    open('/proc/self/oom_score_adj', 'w').write('0')\n"
+        "except OSError as e:\n    print('write', e.errno)\n"
+        "print('score', open('/proc/self/oom_score_adj').read().strip())",
+    )
+    assert "dumpable -1 EPERM" in out and "score 1000" in out, out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import _SECTIONS, Config, ConfigError
+from stages.config import _SECTIONS, Config, ConfigError
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # the AIMO 3 recipe: 8 samples with code, sampled and voted, stop once 4 agree; long answers

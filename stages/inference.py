@@ -32,10 +32,10 @@ from dataclasses import dataclass, field, replace
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.budget import TimePlanner
-from pipeline.config import Config
-from pipeline.items import Encoded, Generation, Outcome, Result
 from stages.backends.base import Backend, Request, SamplingParams, sample_seed
+from stages.budget import TimePlanner
+from stages.config import Config
+from stages.items import Encoded, Generation, Outcome, Result
 from stages.prompting import inside_block, style_for
 from stages.sandbox import Sandbox, SandboxError
 

@@ -30,7 +30,7 @@ import aiofiles
 import anyio
 import structlog
 
-from pipeline.items import Problem, Result, encodable, error_result
+from stages.items import Problem, Result, encodable, error_result
 
 CHUNK = 1 << 16
 MAX_LINE_BYTES = 1 << 20

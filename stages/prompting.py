@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
-from pipeline.config import DEFAULT_SYSTEM_PROMPT
+from stages.config import DEFAULT_SYSTEM_PROMPT
 
 COT_SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT
 TIR_SYSTEM_PROMPT = (

@@ -37,7 +37,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from pipeline.config import SANDBOX_LAYERS, SandboxConfig
+from stages.config import SANDBOX_LAYERS, SandboxConfig
 from stages.sandbox_kernel import WORKDIR
 from stages.sandbox_launch import (
     KERNEL,

@@ -15,7 +15,7 @@ import structlog
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from pipeline.items import encodable
+from stages.items import encodable
 from stages.sandbox_launch import _remove_tree
 
 START_TIMEOUT_S = 60.0

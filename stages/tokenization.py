@@ -6,9 +6,9 @@ import time
 
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.config import Config
-from pipeline.items import Encoded, Job, Result, error_result
 from stages.backends.base import Backend
+from stages.config import Config
+from stages.items import Encoded, Job, Result, error_result
 from stages.prompting import style_for
 
 

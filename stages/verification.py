@@ -20,9 +20,9 @@ import time
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.config import Config
-from pipeline.items import Candidate, Generation, Result
+from stages.config import Config
 from stages.extraction import check_answer
+from stages.items import Candidate, Generation, Result
 from stages.workers import WorkerDied, WorkerPool
 
 Checked = tuple[int | None, str | None, str | None]

@@ -21,8 +21,8 @@ from typing import Any
 
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from pipeline.config import Config, VoteConfig
-from pipeline.items import Candidate, Result
+from stages.config import Config, VoteConfig
+from stages.items import Candidate, Result
 
 MAX_CONFIDENCE = 10.0  # 1 / (0 + 0.1): the most one sample's confidence can multiply its weight by
 

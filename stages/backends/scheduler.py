@@ -25,8 +25,8 @@ import anyio.from_thread
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 
-from pipeline.batching import MicroBatcher
 from stages.backends.base import BackendError, Completion, Request
+from stages.batching import MicroBatcher
 
 
 @dataclass

@@ -25,7 +25,6 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from pipeline.config import Config
 from stages.backends.base import (
     DTYPE_BYTES,
     BackendBase,
@@ -38,6 +37,7 @@ from stages.backends.base import (
 )
 from stages.backends.models import resolve_model
 from stages.backends.transformers_backend import choose_device_dtype
+from stages.config import Config
 from stages.prompting import finish_text
 
 GIB = 1024**3

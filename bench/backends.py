@@ -32,6 +32,7 @@ from typing import Any
 import anyio
 
 from bench.data import gsm8k
+from bench.plain import plain_generate
 from bench.scenarios import _encode_all as encode_all
 from bench.scenarios import _figures as scenario_figures
 from bench.scenarios import arrivals
@@ -68,13 +69,13 @@ def _correct(text: str, gold: int | None) -> bool:
 
 
 def plain_loop(problems: list[Problem], backend: Any, cfg: Config, batch: int) -> Figures:
-    """Batched ``generate`` in input order (``TransformersBackend.generate_batch``: no scheduler)."""
+    """Batched ``generate`` in input order (``bench.plain.plain_generate``: no scheduler)."""
     enc = encode_all(problems, backend, cfg)
     start = time.perf_counter()
     tokens = correct = 0
     for i in range(0, len(enc), batch):
         chunk = enc[i : i + batch]
-        outs = backend.generate_batch([e.prompt_ids for e in chunk], cfg.generation.max_new_tokens)
+        outs = plain_generate(backend, [e.prompt_ids for e in chunk], cfg.generation.max_new_tokens)
         for e, o in zip(chunk, outs, strict=True):
             tokens += o.new_tokens
             correct += _correct(o.text, e.problem.answer)

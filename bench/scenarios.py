@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from bench.plain import plain_generate
 from pipeline.api import Pipeline
 from pipeline.config import Config
 from pipeline.items import Encoded, Job, Problem
@@ -85,7 +86,7 @@ def _loop(name: str, problems: list[Problem], backend: Backend, settings: Settin
     start = time.perf_counter()
     for i in range(0, len(encoded), batch):
         chunk = encoded[i : i + batch]
-        outputs = backend.generate_batch([e.prompt_ids for e in chunk], settings.max_new_tokens)  # type: ignore[attr-defined]
+        outputs = plain_generate(backend, [e.prompt_ids for e in chunk], settings.max_new_tokens)
         for e, o in zip(chunk, outputs, strict=True):
             new_tokens += o.new_tokens
             answer = check_answer(o.text, modulus=a.modulus, lo=a.min, hi=a.max)[0]

@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -78,32 +79,40 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print("summary\n" + "\n".join(lines), file=sys.stderr)
 
 
+@dataclass
+class _Stopping:
+    """The command's stop state: the first signal's name (``None`` until one came) and the number of
+    input lines read, which the input reader counts and the interrupt message reports."""
+
+    requested: anyio.Event = field(default_factory=anyio.Event)
+    signal: str | None = None
+    read: int = 0
+
+
 async def _until_stopped(
-    items: AsyncIterator[Problem | Result], stop: anyio.Event, read: list[int]
+    items: AsyncIterator[Problem | Result], stop: _Stopping
 ) -> AsyncIterator[Problem | Result]:
     async for item in items:
-        if stop.is_set():
+        if stop.requested.is_set():
             return
-        read[0] += 1
+        stop.read += 1
         yield item
 
 
-async def _watch_signals(
-    stop: anyio.Event, consume: anyio.CancelScope, grace_s: float, caught: list[str]
-) -> None:
+async def _watch_signals(stop: _Stopping, consume: anyio.CancelScope, grace_s: float) -> None:
     """First SIGINT/SIGTERM: stop reading input and give in-flight work ``grace_s``; second: stop now."""
     logger = structlog.get_logger("pipeline.cli")
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            if stop.is_set():
+            if stop.requested.is_set():
                 consume.cancel()
                 continue
-            caught.append(signal.Signals(signum).name)
-            stop.set()
+            stop.signal = signal.Signals(signum).name
+            stop.requested.set()
             consume.deadline = min(consume.deadline, anyio.current_time() + grace_s)
             logger.warning(
                 "stopping: no new input is read; in-flight problems get a grace period",
-                signal=caught[-1],
+                signal=stop.signal,
                 grace_s=grace_s,
             )
 
@@ -136,13 +145,11 @@ async def run_stream(
     items: AsyncIterator[Problem | Result] = read_problems(args.input)
     if args.resume:
         items = _skip_written(items, done)
-    stop = anyio.Event()
-    read = [0]
-    items = _until_stopped(items, stop, read)
+    stop = _Stopping()
+    items = _until_stopped(items, stop)
     writer = ResultWriter(args.output, args.submission, fallback=cfg.answer.fallback or 0)
     if args.engine == "ray":
         return await _run_on_ray(args, cfg, items, writer, backend_spec)
-    caught: list[str] = []
     async with Pipeline(cfg, backend=backend) as pipeline:
         if pipeline.memory_plan is not None:
             logger.info("memory plan", plan=pipeline.memory_plan.describe())
@@ -152,7 +159,7 @@ async def run_stream(
             tg.start_soon(writer.run, receive)
             with anyio.CancelScope() as consume:
                 async with anyio.create_task_group() as watch:
-                    watch.start_soon(_watch_signals, stop, consume, args.grace_s, caught)
+                    watch.start_soon(_watch_signals, stop, consume, args.grace_s)
                     async with send:
                         if show_progress:
                             await _stream_with_progress(pipeline, items, send, total)
@@ -161,7 +168,7 @@ async def run_stream(
                                 async for result in results:
                                     await send.send(result)
                     watch.cancel_scope.cancel()
-        if caught:
+        if stop.signal is not None:
             pipeline.abort()
         summary = pipeline.stats.summary()
         metrics = pipeline.metrics()
@@ -170,10 +177,11 @@ async def run_stream(
     if args.metrics_json:
         _write_metrics(args.metrics_json, summary, metrics, cfg)
     logger.info("done", **summary)
-    if caught:
+    if stop.signal is not None:
         where = f"--output {args.output}" if args.output else "an --output file"
         print(
-            f"interrupted by {caught[0]}: {writer.written} results written of {read[0]} input lines read; "
+            f"interrupted by {stop.signal}: {writer.written} results written of {stop.read} input lines "
+            "read; "
             "unfinished problems were not. "
             f"Run the same command with --resume and {where} to finish the rest.",
             file=sys.stderr,

@@ -177,14 +177,16 @@ class Inference:
                     at = anyio.current_time() + (deadline - time.perf_counter())
                 scopes = [anyio.CancelScope(deadline=at) for _ in range(samples)]
                 self._scopes[serial] = scopes
-                live = [samples]
                 for index, scope in enumerate(scopes):
-                    tg.start_soon(self._sample, item, index, scope, live, send, samples)
+                    tg.start_soon(self._sample, item, index, scope, send, samples)
 
-    def _done(self, serial: int, live: list[int]) -> None:
-        live[0] -= 1
-        if live[0] == 0:
-            self._scopes.pop(serial, None)
+    def _done(self, serial: int, scope: anyio.CancelScope) -> None:
+        """Sample ``scope`` of problem ``serial`` has ended; the problem is forgotten with its last."""
+        scopes = self._scopes.get(serial)
+        if scopes is not None:
+            scopes.remove(scope)
+            if not scopes:
+                del self._scopes[serial]
 
     async def _rounds(self, encoded: Encoded, index: int, out: _Outcome) -> None:
         """Run sample ``index`` round by round into ``out`` (kept whole if cancelled midway)."""
@@ -247,7 +249,6 @@ class Inference:
         encoded: Encoded,
         index: int,
         scope: anyio.CancelScope,
-        live: list[int],
         send: MemoryObjectSendStream[Generation | Result],
         samples: int,
     ) -> None:
@@ -286,7 +287,7 @@ class Inference:
                 s.in_flight -= 1
                 self._tokens.release(tokens)
                 self._requests.release()
-            self._done(encoded.job.serial, live)
+            self._done(encoded.job.serial, scope)
         if not holding:
             s.skipped += 1
             started = time.perf_counter()

@@ -107,7 +107,8 @@ class FakeBackend(BackendBase, CodePoints):
             self.requests.append(request)
         return await self.scheduler.generate(request)
 
-    def _script(self, text: str) -> str:
+    def script(self, text: str) -> str:
+        """The scripted output for prompt ``text`` (its ``nth`` repeat counted when recording)."""
         nth = 0
         if self.record:
             with self._lock:
@@ -124,7 +125,7 @@ class FakeBackend(BackendBase, CodePoints):
             self.fail(texts)
         if self.delay_s:
             time.sleep(self.delay_s)
-        words = [_WORD.findall(self._script(t)) for t in texts]
+        words = [_WORD.findall(self.script(t)) for t in texts]
         live = list(range(len(rows)))
         step = 0
         while live:
@@ -160,16 +161,6 @@ class FakeBackend(BackendBase, CodePoints):
         if step >= p.max_new_tokens:
             return Completion(ids, text, "length", logprobs=lp)
         return None
-
-    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[Completion]:
-        """Blocking: the scripted outputs for ``prompts`` in one go (the benchmarks' plain loop)."""
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        out = []
-        for p in prompts:
-            words = _WORD.findall(self._script("".join(map(chr, p))))[:max_new_tokens]
-            out.append(Completion(tuple(range(len(words))), "".join(words), "eos"))
-        return out
 
     def memory_profile(self) -> MemoryProfile | None:
         """Unknown: the fake uses no memory worth budgeting."""

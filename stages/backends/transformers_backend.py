@@ -360,7 +360,7 @@ class TransformersBackend(BackendBase):
         import torch
         from transformers import GenerationConfig
 
-        ids, mask, width = self._left_pad([r.request.prompt_ids for r in rows])
+        ids, mask, width = left_pad([r.request.prompt_ids for r in rows], self.pad_id)
         states = [_RowState(r, self.device) for r in rows]
         settings = GenerationConfig(
             max_new_tokens=max(r.request.params.max_new_tokens for r in rows),
@@ -391,39 +391,6 @@ class TransformersBackend(BackendBase):
                 limit = row.request.params.max_new_tokens
                 row.finish(self.completion(new[i][:limit], "length", state.logprobs))
 
-    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[Completion]:
-        """Blocking, greedy: one plain left-padded ``model.generate`` over ``prompts``, no scheduler.
-
-        The loop a user would write by hand; the benchmarks compare the pipeline against it.
-        """
-        import torch
-
-        ids, mask, width = self._left_pad(prompts)
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.pad_id,
-                eos_token_id=sorted(self.eos_ids),
-            )
-        rows = out[:, width:].tolist()
-        return [self.completion(r, "eos" if any(t in self.eos_ids for t in r) else "length") for r in rows]
-
-    def _left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[Any, Any, int]:
-        """Input ids and attention mask, prompts right-aligned with the pad id on their left; the width."""
-        import torch
-
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            if prompt:
-                ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-                mask[i, width - len(prompt) :] = 1
-        return ids, mask, width
-
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """CUDA out-of-memory, or the CPU allocator failing."""
         import torch
@@ -451,3 +418,17 @@ class TransformersBackend(BackendBase):
         self.model = None
         if self.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any, int]:
+    """Input ids and attention mask, prompts right-aligned with ``pad_id`` on their left; the width."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        if prompt:
+            ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[i, width - len(prompt) :] = 1
+    return ids, mask, width

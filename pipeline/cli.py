@@ -9,12 +9,13 @@ by SIGINT or SIGTERM (finished results are written; ``--resume`` finishes the re
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
-import math
-import re
 import sys
+import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
@@ -26,67 +27,31 @@ from pipeline.presets import PRESETS, resolve
 from pipeline.run_file import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_stream
 from pipeline.sink import OutputError, check_writable
 from stages.parse import InputError, check_source
+from stages.settings import Flag, flags_of
+from stages.units import duration as duration
+from stages.units import size_gib as size_gib
 
-# flag -> (section, field)
-_FLAG_FIELDS: dict[str, tuple[str, str]] = {
-    "model": ("model", "path"),
-    "device": ("model", "device"),
-    "dtype": ("model", "dtype"),
-    "memory_gb": ("model", "memory_gb"),
-    "backend": ("model", "backend"),
-    "quantize": ("model", "quantize"),
-    "batch_size": ("batch", "max_batch_size"),
-    "max_wait_ms": ("batch", "max_wait_ms"),
-    "max_batch_tokens": ("batch", "max_batch_tokens"),
-    "samples": ("generation", "samples"),
-    "temperature": ("generation", "temperature"),
-    "top_p": ("generation", "top_p"),
-    "min_p": ("generation", "min_p"),
-    "max_new_tokens": ("generation", "max_new_tokens"),
-    "seed": ("generation", "seed"),
-    "answer_modulus": ("answer", "modulus"),
-    "answer_min": ("answer", "min"),
-    "answer_max": ("answer", "max"),
-    "cache_size": ("cache", "size"),
-    "cache_dir": ("cache", "dir"),
-    "max_in_flight": ("run", "max_in_flight"),
-    "max_tokens_in_flight": ("run", "max_tokens_in_flight"),
-    "problem_timeout": ("run", "problem_timeout_s"),
-    "gpu_memory_utilization": ("vllm", "gpu_memory_utilization"),
-    "max_model_len": ("vllm", "max_model_len"),
-    "max_num_seqs": ("vllm", "max_num_seqs"),
-    "kv_cache_dtype": ("vllm", "kv_cache_dtype"),
-    "quantization": ("vllm", "quantization"),
-    "enforce_eager": ("vllm", "enforce_eager"),
-    "prefix_caching": ("vllm", "enable_prefix_caching"),
-    "verify_workers": ("run", "verify_workers"),
-    "queue_size": ("run", "queue_size"),
-    "cleanup_every": ("run", "cleanup_every"),
-    "replay": ("model", "replay"),
-    "record": ("model", "record"),
-    "replay_speed": ("model", "replay_speed"),
-    "prompt": ("generation", "prompt_style"),
-    "max_rounds": ("generation", "max_rounds"),
-    "stop_at_answer": ("generation", "stop_at_answer"),
-    "cell_timeout": ("sandbox", "cell_timeout_s"),
-    "sandbox_memory_mb": ("sandbox", "memory_mb"),
-    "sandbox_pool": ("sandbox", "pool_size"),
-    "output_chars": ("sandbox", "output_chars"),
-    "sandbox_disk_mb": ("sandbox", "disk_mb"),
-    "sandbox_require": ("sandbox", "require"),
-    "early_stop": ("vote", "early_stop"),
-    "code_weight": ("vote", "code_weight"),
-    "confidence": ("vote", "confidence"),
-    "time_budget": ("time", "budget_s"),
-    "time_base": ("time", "base_s"),
-    "expected_problems": ("time", "expected_problems"),
-    "time_margin": ("time", "margin_s"),
-    "fallback_answer": ("answer", "fallback"),
+# argument groups of --help, in order, by config section (sections that share a title share a group)
+_GROUPS: dict[str, str] = {
+    "model": "model",
+    "vllm": "vllm backend (--backend vllm)",
+    "batch": "batching (transformers backend)",
+    "generation": "generation",
+    "sandbox": "sandbox (--prompt tir)",
+    "vote": "vote",
+    "time": "time budget",
+    "answer": "answers",
+    "cache": "cache and concurrency",
+    "run": "cache and concurrency",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (also used to document the flags in the README)."""
+    """The argument parser (also used to document the flags in the README).
+
+    The flags of settings come from the config fields themselves (``setting(..., flag=...)``, see
+    ``add_config_flags``); the flags of the command (input, output, engine, logging) are written here.
+    """
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("stream", help="solve every problem in a JSONL or CSV file (or - for stdin)")
@@ -122,163 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved settings and where each came from (default, preset, file, flag); exit",
     )
-    g = s.add_argument_group("model")
-    g.add_argument(
-        "--model", help="a local Hugging Face folder or .gguf file (default: bundled SmolLM2-135M)"
-    )
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument(
-        "--memory-budget",
-        dest="memory_gb",
-        type=size_gib,
-        help="memory for weights + KV cache: 16GiB (default), 8GB, 512MiB; GPU memory on CUDA, host on CPU",
-    )
-    g.add_argument("--memory-gb", type=float, help="the memory budget in GiB (same as --memory-budget)")
-    g.add_argument(
-        "--quantize",
-        choices=["none", "fp16", "bf16", "int8", "int4"],
-        help="weights: fp16/bf16, int8 (CPU: torch dynamic; CUDA: bitsandbytes), int4 (CUDA: bitsandbytes)",
-    )
-    g.add_argument(
-        "--backend",
-        choices=["transformers", "vllm", "replay"],
-        help="model engine: transformers (default, micro-batching), vllm (continuous batching; extra), "
-        "or replay (recorded completions from --replay)",
-    )
-    g.add_argument("--replay", help="JSONL of recorded completions for --backend replay (see the README)")
-    g.add_argument(
-        "--replay-speed",
-        type=float,
-        help="replay: 0 answers at once (default), 1 waits each recorded time, 2 half of it",
-    )
-    g.add_argument("--record", help="write every completion the model returns to this JSONL (replayable)")
-    g = s.add_argument_group("vllm backend (--backend vllm)")
-    g.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        help="GPU memory share for vLLM (default: from --memory-budget)",
-    )
-    g.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    g.add_argument(
-        "--max-num-seqs",
-        type=int,
-        help="sequences batched at once (default: in-flight x samples, <= 256)",
-    )
-    g.add_argument("--kv-cache-dtype", help="KV cache dtype, e.g. auto, fp8 (default auto)")
-    g.add_argument("--quantization", help="vLLM quantization method, e.g. awq, gptq, fp8 (default none)")
-    g.add_argument(
-        "--enforce-eager",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="no CUDA graphs / compilation: loads faster (default: on for CPU, off for GPU)",
-    )
-    g.add_argument(
-        "--prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="reuse the KV cache of shared prompt prefixes (default on)",
-    )
-    g = s.add_argument_group("batching (transformers backend)")
-    g.add_argument("--batch-size", type=int, help="max problems (samples) per generate call (default 16)")
-    g.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 20)")
-    g.add_argument(
-        "--max-batch-tokens", type=int, help="token cap per batch (default: from the memory budget)"
-    )
-    g = s.add_argument_group("generation")
-    g.add_argument("--samples", type=int, help="samples per problem; 1 is greedy (default 1)")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--min-p", type=float, help="keep tokens at least this share of the top one (default 0)")
-    g.add_argument("--max-new-tokens", type=int, help="default 384")
-    g.add_argument("--seed", type=int)
-    g.add_argument(
-        "--prompt",
-        choices=["cot", "tir"],
-        help="cot: reason then \\boxed{}; tir: the model may write Python, run in the sandbox (default cot)",
-    )
-    g.add_argument(
-        "--max-rounds",
-        type=int,
-        help="tir: model requests per sample, with code run between them: at most N-1 cells (default 8)",
-    )
-    g.add_argument(
-        "--stop-at-answer",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="end a sample once it wrote a closing \\boxed{...} outside code (default on)",
-    )
-    g = s.add_argument_group("sandbox (--prompt tir)")
-    g.add_argument("--cell-timeout", type=float, help="wall-clock seconds per code cell (default 10)")
-    g.add_argument("--sandbox-memory-mb", type=int, help="address space per interpreter (default 2048)")
-    g.add_argument("--sandbox-pool", type=int, help="interpreters kept alive (default 2 x samples, >= 2)")
-    g.add_argument("--output-chars", type=int, help="characters of a cell's output shown (default 1000)")
-    g.add_argument(
-        "--sandbox-disk-mb",
-        type=int,
-        help="private tmpfs per interpreter: /tmp, /var/tmp, /dev/shm (default 64)",
-    )
-    g.add_argument(
-        "--sandbox-require",
-        metavar="LAYERS",
-        help="refuse to start unless these confinement layers hold, comma-separated, or all: "
-        "namespaces, filesystem, identity, seccomp, rlimits, audit_hook (default: none required; "
-        "every layer that holds is used)",
-    )
-    g = s.add_argument_group("vote")
-    g.add_argument(
-        "--early-stop",
-        type=int,
-        help="end a problem once this many samples agree, or once its leader cannot be overtaken",
-    )
-    g.add_argument("--code-weight", type=float, help="vote weight of a sample whose code ran cleanly (2)")
-    g.add_argument(
-        "--confidence",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="weigh votes by the sample's confidence (1 / mean token surprisal; default off)",
-    )
-    g = s.add_argument_group("time budget")
-    g.add_argument(
-        "--time-budget",
-        type=duration,
-        help="the whole run's time, e.g. 5h, 90m, 1h30m, 300 (seconds); every problem is answered in it",
-    )
-    g.add_argument("--time-base", type=duration, help="the least time a problem gets while time is left")
-    g.add_argument(
-        "--expected-problems",
-        type=int,
-        help="problems the budget is spread over (default: counted from the input file)",
-    )
-    g.add_argument("--time-margin", type=duration, help="kept back at the end of the budget (default 1s)")
-    g.add_argument("--fallback-answer", type=int, help="the answer given when no sample finished (default 0)")
-    g = s.add_argument_group("answers")
-    g.add_argument("--answer-modulus", type=int, help="reduce answers modulo this (1000 for AIMO 1)")
-    g.add_argument("--answer-min", type=int, help="smallest valid answer (default 0)")
-    g.add_argument("--answer-max", type=int, help="largest valid answer (default 99999)")
-    g = s.add_argument_group("cache and concurrency")
-    g.add_argument("--cache-size", type=int, help="in-memory LRU entries (default 10000; 0 disables)")
-    g.add_argument("--cache-dir", help="a folder for a persistent result cache (SQLite)")
-    g.add_argument("--max-in-flight", type=int, help="problems admitted at once (default 64)")
-    g.add_argument(
-        "--problem-timeout",
-        type=float,
-        help="seconds a problem may take from admission; then the vote is taken on what finished",
-    )
-    g.add_argument(
-        "--max-tokens-in-flight",
-        type=int,
-        help="cap on prompt + max-new-tokens of the requests in the model at once (default: none)",
-    )
-    g.add_argument("--verify-workers", type=int, help="verification worker processes (default 2)")
-    g.add_argument(
-        "--queue-size", type=int, help="items each stream between stages holds (default: from in-flight)"
-    )
-    g.add_argument(
-        "--cleanup-every",
-        type=int,
-        help="every N results: gc.collect() and, on CUDA, torch.cuda.empty_cache() (default: never)",
-    )
+    add_config_flags(s)
     g = s.add_argument_group("output")
     g.add_argument("--log-json", action="store_true", help="machine-readable JSON logs on stderr")
     g.add_argument("--log-level", default="info", help="debug, info, warning or error")
@@ -296,65 +105,89 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|h|m|s)")
+@dataclasses.dataclass(frozen=True)
+class ConfigFlag:
+    """A config field the command line sets: ``section.name``, through ``flags``, into ``args.<dest>``."""
+
+    section: str
+    name: str
+    dest: str
+    hint: Any  # the field's annotation, resolved
+    default: Any
+    flags: tuple[Flag, ...]
 
 
-_SIZES = {
-    "": 2**30,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+@functools.cache
+def config_flags() -> tuple[ConfigFlag, ...]:
+    """Every config field that has a flag, section by section, in the order of the fields."""
+    found = []
+    sections = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = sections[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flags, dest = flags_of(f)
+            if flags:
+                dest = dest or flags[0].name.lstrip("-").replace("-", "_")
+                found.append(ConfigFlag(section.name, f.name, dest, hints[f.name], f.default, flags))
+    return tuple(found)
 
 
-def size_gib(text: str) -> float:
-    """GiB from ``16GiB``, ``8GB``, ``512MiB``, ``1.5TiB`` or a bare number of GiB.
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One argument group per title of ``_GROUPS``, holding the flags of its sections' fields.
 
-    Raises:
-        argparse.ArgumentTypeError: anything else (the message shows the forms that work).
+    Every flag defaults to ``None``, so a flag not given leaves the preset's or the file's value.
     """
-    m = _SIZE.fullmatch(text.strip().lower())
-    if m is None or m.group(2) not in _SIZES:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size; use e.g. 16GiB, 8GB, 512MiB (bare numbers: GiB)"
-        )
-    gib = float(m.group(1)) * _SIZES[m.group(2)] / 2**30
-    if not math.isfinite(gib) or gib <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a memory budget must be positive")
-    return gib
+    missing = {cf.section for cf in config_flags()} - set(_GROUPS)
+    if missing:
+        raise RuntimeError(f"no --help group for config sections {sorted(missing)}")
+    groups: dict[str, Any] = {}
+    for section, title in _GROUPS.items():
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        for cf in config_flags():
+            if cf.section != section:
+                continue
+            for flag in cf.flags:
+                groups[title].add_argument(
+                    flag.name,
+                    dest=cf.dest,
+                    default=None,
+                    metavar=flag.metavar,
+                    help=_help(flag.help, cf.default),
+                    **_kind(cf.hint, flag),
+                )
 
 
-def duration(text: str) -> float:
-    """Seconds from ``300``, ``90s``, ``15m``, ``5h``, ``1h30m`` or ``2.5h``.
+def _kind(hint: Any, flag: Flag) -> dict[str, Any]:
+    """argparse's ``type``, ``choices`` or ``action`` for a flag of a field annotated ``hint``."""
+    if type(None) in typing.get_args(hint):  # X | None: the flag gives an X
+        (hint,) = (a for a in typing.get_args(hint) if a is not type(None))
+    if flag.parse is not None:
+        return {"type": flag.parse}
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is Literal:
+        return {"choices": list(typing.get_args(hint))}
+    if hint in (int, float):
+        return {"type": hint}
+    if hint is str:
+        return {}
+    raise TypeError(f"{flag.name}: no flag type for {hint}; give its setting a parse=")
 
-    Raises:
-        argparse.ArgumentTypeError: anything else (the message shows the forms that work).
-    """
-    t = text.strip().lower().replace(" ", "")
-    try:
-        seconds = float(t)
-    except ValueError:
-        pos, seconds = 0, 0.0
-        for m in _DURATION.finditer(t):
-            if m.start() != pos or not t:
-                break
-            seconds += float(m.group(1)) * _UNITS[m.group(2)]
-            pos = m.end()
-        if pos != len(t) or not t:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a duration; use seconds (300) or units: 90s, 15m, 5h, 1h30m"
-            ) from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be a positive number of seconds")
-    return seconds
+
+def _help(text: str, default: Any) -> str:
+    """A flag's help, with the field's default appended unless the help speaks of one or it has none."""
+    text = text.replace("%", "%%")  # argparse %-formats help
+    if "default" in text or default is None or default is dataclasses.MISSING or default == ():
+        return text
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif isinstance(default, float):
+        shown = f"{default:g}"
+    else:
+        shown = str(default)
+    return f"{text} (default {shown})" if text else f"default {shown}"
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -373,10 +206,10 @@ def resolve_args(args: argparse.Namespace) -> tuple[Config, dict[str, str]]:
         ConfigError: as ``config_from_args``.
     """
     overrides: dict[str, dict[str, Any]] = {}
-    for flag, (section, name) in _FLAG_FIELDS.items():
-        value = getattr(args, flag, None)
+    for cf in config_flags():
+        value = getattr(args, cf.dest, None)
         if value is not None:
-            overrides.setdefault(section, {})[name] = value
+            overrides.setdefault(cf.section, {})[cf.name] = value
     return resolve(getattr(args, "preset", None), getattr(args, "config", None), overrides)
 
 

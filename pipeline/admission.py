@@ -10,13 +10,13 @@ A double release therefore cannot widen the limit.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from pipeline.items import Result
+from stages.clock import now
 
 
 class Route:
@@ -83,9 +83,9 @@ class Admission:
 
     async def admit(self, route: Route) -> Ticket:
         """Wait for a slot (this wait is the pipeline's backpressure on its input) and hold it."""
-        waited = time.perf_counter()
+        waited = now()
         await self._semaphore.acquire()
-        self.wait_s += time.perf_counter() - waited
+        self.wait_s += now() - waited
         route.outstanding += 1
         return Ticket(self, route)
 

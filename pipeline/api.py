@@ -14,7 +14,6 @@ any number of ``stream()`` and ``solve()`` calls, one after another or at the sa
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -31,6 +30,7 @@ from pipeline.config import Config
 from pipeline.items import Problem, Result
 from pipeline.runner import Engine, RunStats
 from stages.backends.base import Backend, BackendError
+from stages.clock import now
 from stages.parse import RecordConverter
 from stages.verification import Verification
 
@@ -182,7 +182,7 @@ class Pipeline:
                 raise PipelineError(f"the model backend failed to start: {leaf}") from e
             raise
         assert self._engine is not None
-        self._engine.stats.started = time.perf_counter()
+        self._engine.stats.started = now()
         self._stats = self._engine.stats
         return self
 
@@ -321,7 +321,7 @@ class Pipeline:
                 if isinstance(converted, Result):
                     return converted
                 problem = converted
-            problem = replace(problem, deadline=time.perf_counter() + timeout_s)
+            problem = replace(problem, deadline=now() + timeout_s)
         result: Result | None = None
         async with self.stream([problem]) as results:
             async for r in results:

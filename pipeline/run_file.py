@@ -21,6 +21,7 @@ from pipeline.config import Config
 from pipeline.items import Problem, Result
 from pipeline.sink import OutputError, ResultWriter, Written, read_written
 from stages.backends.base import Backend
+from stages.clock import now, scope_deadline
 from stages.parse import dedupe, read_problems
 
 EXIT_OK = 0
@@ -109,7 +110,7 @@ async def _watch_signals(stop: _Stopping, consume: anyio.CancelScope, grace_s: f
                 continue
             stop.signal = signal.Signals(signum).name
             stop.requested.set()
-            consume.deadline = min(consume.deadline, anyio.current_time() + grace_s)
+            consume.deadline = min(consume.deadline, scope_deadline(now() + grace_s))
             logger.warning(
                 "stopping: no new input is read; in-flight problems get a grace period",
                 signal=stop.signal,

@@ -9,12 +9,13 @@ similar lengths cut left padding, and the oldest item always goes so nothing sta
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
+
+from stages.clock import now
 
 T = TypeVar("T")
 
@@ -76,11 +77,11 @@ class MicroBatcher(Generic[T]):
                 self._take(await self.receive.receive())
             except anyio.EndOfStream:
                 self.closed = True
-        first_seen = time.perf_counter()
+        first_seen = now()
         self._drain_nowait()
         deadline = first_seen + self.max_wait_s
         while not self.closed and len(self.pending) < self.max_size:
-            remaining = deadline - time.perf_counter()
+            remaining = deadline - now()
             if remaining <= 0:
                 break
             with anyio.move_on_after(remaining):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from stages.backends.base import MemoryProfile, kv_bytes_per_token
+from stages.clock import now
 
 if TYPE_CHECKING:
     from stages.config import Config
@@ -90,7 +90,7 @@ def share_of(
 
 @dataclass(frozen=True)
 class TimePlan:
-    """One problem's share of the run's time: its deadline (a ``time.perf_counter()`` value, ``None``
+    """One problem's share of the run's time: its deadline (a ``now()`` value, ``None``
     for none) and how many samples it gets."""
 
     deadline: float | None
@@ -120,7 +120,7 @@ class TimePlanner:
         margin_s: float = 1.0,
         min_samples: int = 1,
         max_samples: int | None = None,
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] = now,
     ) -> None:
         self.budget_s = budget_s
         self.expected = expected

@@ -24,8 +24,6 @@ samples when its samples start.
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -34,6 +32,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from stages.backends.base import Backend, Request, SamplingParams, sample_seed
 from stages.budget import TimePlanner
+from stages.clock import now, scope_deadline
 from stages.config import Config
 from stages.items import Encoded, Generation, Outcome, Result
 from stages.prompting import inside_block, style_for
@@ -172,9 +171,7 @@ class Inference:
                     samples = plan.samples
                     if plan.deadline is not None:
                         deadline = plan.deadline if deadline is None else min(deadline, plan.deadline)
-                at = math.inf
-                if deadline is not None:  # perf_counter time to the event loop's clock
-                    at = anyio.current_time() + (deadline - time.perf_counter())
+                at = scope_deadline(deadline)
                 scopes = [anyio.CancelScope(deadline=at) for _ in range(samples)]
                 self._scopes[serial] = scopes
                 for index, scope in enumerate(scopes):
@@ -255,7 +252,7 @@ class Inference:
         """One sample: wait for a request slot (and its tokens), then run its rounds, all inside the
         sample's cancel scope, so a decided or timed-out problem's sample stops wherever it is."""
         s = self.stats
-        waited = time.perf_counter()
+        waited = now()
         tokens = encoded.prompt_tokens + self.cfg.generation.max_new_tokens
         started = waited
         out = _Outcome()
@@ -271,7 +268,7 @@ class Inference:
                     self._requests.release()
                     raise
                 holding = True
-                started = time.perf_counter()
+                started = now()
                 s.requests += 1
                 s.in_flight += 1
                 s.peak_in_flight = max(s.peak_in_flight, s.in_flight)
@@ -290,10 +287,10 @@ class Inference:
             self._done(encoded.job.serial, scope)
         if not holding:
             s.skipped += 1
-            started = time.perf_counter()
+            started = now()
         queue_s = started - waited
         s.queue_wait_s += queue_s
-        elapsed = time.perf_counter() - started
+        elapsed = now() - started
         s.new_tokens += out.new_tokens
         outcome: Outcome
         if finished:

@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +36,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
+from stages.clock import now
 from stages.config import SANDBOX_LAYERS, SandboxConfig
 from stages.sandbox_kernel import WORKDIR
 from stages.sandbox_launch import (
@@ -410,12 +410,12 @@ class Session:
         sb = self.sandbox
         timeout = sb.cfg.cell_timeout_s
         if self.kernel is None:
-            waited = time.perf_counter()
+            waited = now()
             self.kernel = await sb.acquire()
-            sb.stats.wait_s += time.perf_counter() - waited
+            sb.stats.wait_s += now() - waited
         kernel = self.kernel
         sb.stats.cells += 1
-        started = time.perf_counter()
+        started = now()
         healthy = False
         try:
             result = await kernel.run(code, timeout)
@@ -436,7 +436,7 @@ class Session:
                 restarted=True,
             )
         finally:
-            sb.stats.cell_seconds += time.perf_counter() - started
+            sb.stats.cell_seconds += now() - started
             if not healthy:  # timed out, died, or cancelled mid-cell: its state is unknown
                 self.kernel = None
                 await sb.release(kernel)

@@ -15,11 +15,11 @@ takes only its fair share of what is queued, so work that arrives at once is spr
 from __future__ import annotations
 
 import math
-import time
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from stages.clock import now
 from stages.config import Config
 from stages.extraction import check_answer
 from stages.items import Candidate, Generation, Result
@@ -81,7 +81,7 @@ class Verification:
         only the sample that causes the failure gets it as its reason."""
         a = self.cfg.answer
         texts = [g.text for g in gens]
-        started = time.perf_counter()
+        started = now()
         reason: str | None = None
         checked: list[Checked] | None = None
         try:
@@ -95,7 +95,7 @@ class Verification:
         except Exception as e:  # the call itself failed (it raised, or its reply was unreadable)
             reason = _failure(e)
         self.batches += 1
-        elapsed = time.perf_counter() - started
+        elapsed = now() - started
         self.busy_s += elapsed
         if checked is None:
             self.worker_failures += 1

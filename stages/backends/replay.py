@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from stages.backends.base import (
     Request,
 )
 from stages.backends.fake import CodePoints
+from stages.clock import now
 from stages.prompting import finish_text
 
 _WORD = re.compile(r"\S+\s*|\s+")
@@ -202,7 +202,7 @@ class RecordingBackend(BackendBase):
 
     async def generate(self, request: Request) -> Completion:
         """The wrapped backend's completion, written to the record file first (one line, flushed)."""
-        started = time.perf_counter()
+        started = now()
         c = await self.inner.generate(request)
         rec: dict[str, Any] = {
             "id": request.problem_id,
@@ -210,7 +210,7 @@ class RecordingBackend(BackendBase):
             "round": request.round,
             "text": c.text,
             "finish_reason": c.finish_reason,
-            "seconds": round(time.perf_counter() - started, 4),
+            "seconds": round(now() - started, 4),
         }
         if c.stop_string is not None:
             rec["stop_string"] = c.stop_string

@@ -15,7 +15,6 @@ that still fails gets the exception.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from stages.backends.base import BackendError, Completion, Request
 from stages.batching import MicroBatcher
+from stages.clock import now
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Row:
     def drop(self) -> None:
         """Stop working on an aborted row (any thread); counts it and its abort latency at once."""
         if self.dropped_at is None:
-            self.dropped_at = time.perf_counter()
+            self.dropped_at = now()
             self._stats.aborted += 1
             if self.aborted_at is not None:
                 self._stats.abort_latency_s.append(self.dropped_at - self.aborted_at)
@@ -150,7 +150,7 @@ class BatchScheduler:
         except BaseException:
             if row.outcome is None:
                 row.aborted = True
-                row.aborted_at = time.perf_counter()
+                row.aborted_at = now()
             raise
         outcome = row.outcome
         if isinstance(outcome, BaseException):
@@ -161,9 +161,9 @@ class BatchScheduler:
     def _recover_cap(self) -> None:
         if self._cap is None or self.max_tokens is None or self._cap >= self.max_tokens:
             return
-        if time.perf_counter() - self._last_oom >= self.recover_s:
+        if now() - self._last_oom >= self.recover_s:
             self._cap = min(self.max_tokens, self._cap * 2)
-            self._last_oom = time.perf_counter()
+            self._last_oom = now()
 
     @staticmethod
     def _drop_if_aborted(row: Row) -> bool:
@@ -213,7 +213,7 @@ class BatchScheduler:
         rows = [r for r in rows if not r.done and not self._drop_if_aborted(r)]
         if not rows:
             return
-        started = time.perf_counter()
+        started = now()
         self.running.update(rows)
         s = self.stats
         # counted as the batch starts: rows are delivered as they end, before the batch call returns
@@ -237,7 +237,7 @@ class BatchScheduler:
                 reserve = max(r.request.params.max_new_tokens for r in left)
                 half = len(left) // 2
                 self._cap = max(1, half * (width + reserve))
-                self._last_oom = time.perf_counter()
+                self._last_oom = now()
                 await self._run(left[:half])
                 await self._run(left[half:])
                 return
@@ -249,7 +249,7 @@ class BatchScheduler:
             return
         finally:
             self.running.difference_update(rows)
-        s.busy_s += time.perf_counter() - started
+        s.busy_s += now() - started
         for r in rows:
             if isinstance(r.outcome, Completion):
                 s.new_tokens += r.outcome.new_tokens

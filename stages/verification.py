@@ -1,6 +1,6 @@
 """The verification stage: a pool of worker processes checks each sample's answer.
 
-Workers are ``stages.workers.WorkerPool`` processes (a dead one is replaced); each call carries a
+Workers are ``stages.process_pool.WorkerPool`` processes (a dead one is replaced); each call carries a
 batch of outputs, so the cost of crossing a process boundary is paid once per batch. The worker
 function imports only the light ``stages.extraction`` (and ``math-verify`` when an answer is not a
 plain number), never torch.
@@ -23,7 +23,7 @@ from stages.clock import now
 from stages.config import Config
 from stages.extraction import check_answer
 from stages.items import Candidate, Generation, Result
-from stages.workers import WorkerDied, WorkerPool
+from stages.process_pool import WorkerDied, WorkerPool
 
 Checked = tuple[int | None, str | None, str | None]
 MAX_REASON = 300

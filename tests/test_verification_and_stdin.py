@@ -18,8 +18,8 @@ import pytest
 
 from pipeline.items import Candidate, Encoded, Generation, Job, Problem, Result
 from stages.parse import read_problems
+from stages.process_pool import WorkerDied, WorkerPool, _Worker
 from stages.verification import Verification
-from stages.workers import WorkerDied, WorkerPool, _Worker
 from tests import helpers
 from tests.conftest import small_config
 

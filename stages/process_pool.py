@@ -1,4 +1,4 @@
-"""A small pool of worker processes (``python -m stages.worker``) driven from the event loop.
+"""A small pool of worker processes (``python -m stages.pool_worker``) driven from the event loop.
 
 Why not ``multiprocessing`` or ``anyio.to_process``: both re-import the parent's ``__main__`` in each
 worker, which breaks a user's script without a main guard; and a ``ProcessPoolExecutor`` is broken for
@@ -88,7 +88,7 @@ class WorkerPool:
         # the parent's import path, so functions from any of its modules can be unpickled
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         process = await anyio.open_process(
-            [sys.executable, "-u", "-m", "stages.worker"], env=env, stderr=subprocess.DEVNULL
+            [sys.executable, "-u", "-m", "stages.pool_worker"], env=env, stderr=subprocess.DEVNULL
         )
         self.started += 1
         worker = _Worker(process)

@@ -1,4 +1,4 @@
-"""The worker process: ``python -m stages.worker``. Runs picklable calls sent by ``WorkerPool``.
+"""The worker process: ``python -m stages.pool_worker``. Runs picklable calls sent by ``WorkerPool``.
 
 Protocol, both ways: an ASCII length line (``b"123\\n"``) then that many bytes of pickle. A request is
 ``(function, args)``; a reply is ``("ok", value)`` or ``("error", exception)``. End of input ends the

@@ -8,7 +8,7 @@ import anyio
 import psutil
 import pytest
 
-from stages.workers import WorkerDied, WorkerPool
+from stages.process_pool import WorkerDied, WorkerPool
 from tests import helpers
 
 

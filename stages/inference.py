@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -56,6 +57,19 @@ class InferenceStats:
         self.rounds = 0
         self.skipped = 0
         self.queue_wait_s = 0.0
+
+    def report(self) -> dict[str, Any]:
+        """A snapshot for the run's metrics."""
+        return {
+            "requests": self.requests,
+            "rounds": self.rounds,
+            "completed": self.completed,
+            "failed": self.failed,
+            "aborted": self.aborted,
+            "never_started": self.skipped,
+            "peak_in_flight": self.peak_in_flight,
+            "new_tokens": self.new_tokens,
+        }
 
 
 class TokenGate:

@@ -93,6 +93,18 @@ class SandboxStats:
     cell_seconds: float = 0.0
     wait_s: float = 0.0
 
+    def report(self) -> dict[str, Any]:
+        """A snapshot for the run's metrics."""
+        return {
+            "cells": self.cells,
+            "errors": self.errors,
+            "timeouts": self.timeouts,
+            "crashes": self.crashes,
+            "interpreters_started": self.started,
+            "cell_seconds": round(self.cell_seconds, 3),
+            "interpreter_wait_s": round(self.wait_s, 3),
+        }
+
 
 _PROBED: dict[tuple[Any, ...], Confinement] = {}
 
@@ -110,6 +122,18 @@ class Sandbox:
         self.max_cells = max_cells
         self.stats = SandboxStats()
         self.confinement: Confinement | None = None
+
+    def statistics(self) -> dict[str, Any]:
+        """A snapshot for the run's metrics: the counters and what confinement holds."""
+        out = self.stats.report()
+        c = self.confinement
+        if c is not None:
+            out["confinement"] = {
+                "launcher": c.launcher,
+                "holds": list(c.holds),
+                **({"missing": c.missing} if c.missing else {}),
+            }
+        return out
         self._idle: list[Kernel] = []
         self._live = 0
         self._failures = 0

@@ -182,6 +182,11 @@ class Backend(Protocol):
         """Weights and KV-cache sizes, or ``None`` when the backend manages its own memory."""
         ...
 
+    def statistics(self) -> dict[str, Any] | None:
+        """The backend's own figures for the run's metrics (the micro-batcher's ``batches``), a
+        snapshot, or ``None`` when it has none."""
+        ...
+
     def close(self) -> None:
         """Release the model."""
         ...
@@ -199,6 +204,10 @@ class BackendBase:
 
     def memory_profile(self) -> MemoryProfile | None:
         """``None``: the backend manages its own memory (or holds no model)."""
+        return None
+
+    def statistics(self) -> dict[str, Any] | None:
+        """``None``: no figures of its own."""
         return None
 
     def close(self) -> None:

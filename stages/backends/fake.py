@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -165,6 +166,10 @@ class FakeBackend(BackendBase, CodePoints):
     def memory_profile(self) -> MemoryProfile | None:
         """Unknown: the fake uses no memory worth budgeting."""
         return None
+
+    def statistics(self) -> dict[str, Any] | None:
+        """The micro-batcher's figures (``None`` before its first batch)."""
+        return self.scheduler.statistics()
 
     def close(self) -> None:
         """Marks the backend closed."""

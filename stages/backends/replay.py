@@ -225,6 +225,10 @@ class RecordingBackend(BackendBase):
         """As the wrapped backend."""
         return self.inner.memory_profile()
 
+    def statistics(self) -> dict[str, Any] | None:
+        """As the wrapped backend."""
+        return self.inner.statistics()
+
     def close_file(self) -> None:
         """Close the record file (the wrapped backend stays open)."""
         self._file.close()

@@ -18,6 +18,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -42,6 +43,20 @@ class SchedulerStats:
     oom_splits: int = 0
     aborted: int = 0
     abort_latency_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+
+
+def _batch_report(st: SchedulerStats) -> dict[str, Any] | None:
+    if not st.rows:
+        return None
+    real = st.prompt_tokens
+    return {
+        "batches": st.batches,
+        "rows": st.rows,
+        "mean_rows": round(st.rows / max(1, st.batches), 2),
+        "prompt_fill": round(real / max(1, real + st.padded_tokens), 3),
+        "model_busy_s": round(st.busy_s, 3),
+        "oom_splits": st.oom_splits,
+    }
 
 
 class Row:
@@ -121,6 +136,10 @@ class BatchScheduler:
         self._send: MemoryObjectSendStream[Row] | None = None
         self._thread = anyio.CapacityLimiter(1)
         self.running: set[Row] = set()
+
+    def statistics(self) -> dict[str, Any] | None:
+        """A snapshot of the batches run so far, for the run's metrics (``None`` before the first)."""
+        return _batch_report(self.stats)
 
     def configure(self, *, max_size: int, max_wait_s: float, max_tokens: int | None) -> None:
         """Set the batch limits (before ``serve``)."""

@@ -411,6 +411,10 @@ class TransformersBackend(BackendBase):
         kv = kv_bytes_per_token(self.model.config, DTYPE_BYTES[self.dtype])
         return MemoryProfile(weights_bytes=weights, kv_bytes_per_token=kv)
 
+    def statistics(self) -> dict[str, Any] | None:
+        """The micro-batcher's figures (``None`` before its first batch)."""
+        return self.scheduler.statistics()
+
     def close(self) -> None:
         """Drop the model and free accelerator memory."""
         import torch

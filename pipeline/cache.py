@@ -5,8 +5,9 @@ answer settings), so a cached answer is only reused under the settings that prod
 (``ok`` and ``fallback``) are stored; errors are recomputed.
 
 The cache never ends a run: a disk store that cannot be opened, read or written (disk full, read-only
-folder, a corrupt file) is logged as a warning and the answers go on (from memory, or computed). Rows
-carry the schema version of the result format; a row of another version is a miss, not an error.
+folder, a corrupt file) is logged as a warning and the answers go on (from memory, or computed). A row
+is ``Result.to_json()`` with its ``"schema"`` version; a row of another version (or none: the rows
+earlier releases wrote) is a miss, logged once, not an error, and its problem is recomputed.
 """
 
 from __future__ import annotations
@@ -24,11 +25,9 @@ import anyio
 import structlog
 from cachetools import LRUCache
 
-from pipeline.items import Problem, Result
+from pipeline.items import SCHEMA_VERSION, Problem, Result
 
 _SPACE = re.compile(r"\s+")
-SCHEMA_VERSION = 2
-"""Version of the stored result format; bump it when ``Result``'s fields change meaning."""
 
 
 def normalise_text(text: str) -> str:
@@ -41,36 +40,25 @@ def cache_key(text: str, fingerprint: str) -> str:
     return hashlib.sha256(f"{fingerprint}\x00{normalise_text(text)}".encode()).hexdigest()
 
 
-_STORED = (
-    "answer",
-    "status",
-    "error",
-    "votes",
-    "samples",
-    "prompt_tokens",
-    "new_tokens",
-    "timings",
-    "finish",
-)
-
-
 def _to_row(result: Result) -> str:
-    data: dict[str, Any] = {name: getattr(result, name) for name in _STORED}
-    data["votes"] = [[k, v] for k, v in result.votes.items()]
-    data["v"] = SCHEMA_VERSION
-    return json.dumps(data)
+    return json.dumps(result.to_json())
 
 
-def _from_row(row: str) -> Result | None:
-    """The stored result, or ``None`` for a row of another schema version (or one that cannot be read)."""
-    try:
-        data: dict[str, Any] = json.loads(row)
-        if not isinstance(data, dict) or data.pop("v", None) != SCHEMA_VERSION:
-            return None
-        data["votes"] = {int(k): int(v) for k, v in data["votes"]}
-        return Result(id=None, **{k: v for k, v in data.items() if k in _STORED})
-    except (ValueError, TypeError, KeyError):
-        return None
+class _OtherVersion(Exception):
+    """A row written in another version of the result format."""
+
+
+def _from_row(row: str) -> Result:
+    """The stored result.
+
+    Raises:
+        _OtherVersion: the row is of another schema version (or of none).
+        ValueError: the row cannot be read (the message names the field at fault).
+    """
+    data: Any = json.loads(row)
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA_VERSION:
+        raise _OtherVersion
+    return Result.from_json(data)
 
 
 class SQLiteStore:
@@ -84,11 +72,26 @@ class SQLiteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, result TEXT NOT NULL)")
+        self._told_other_version = False
 
     def get(self, key: str) -> Result | None:
-        """The stored result for ``key``, or ``None``."""
+        """The stored result for ``key``, or ``None`` (also for a row that cannot be used, with a
+        warning: an unreadable one each time, those of another format version once)."""
         row = self._db.execute("SELECT result FROM results WHERE key = ?", (key,)).fetchone()
-        return _from_row(row[0]) if row else None
+        if not row:
+            return None
+        try:
+            return _from_row(row[0])
+        except _OtherVersion:
+            if not self._told_other_version:
+                self._told_other_version = True
+                structlog.get_logger("pipeline.cache").warning(
+                    f"the result cache in {self.path.parent} holds rows of another format version "
+                    f"(this release writes version {SCHEMA_VERSION}); their problems are recomputed"
+                )
+        except ValueError as e:
+            _warn("an unreadable row in the result cache; computing instead", e)
+        return None
 
     def put(self, key: str, result: Result) -> None:
         """Store (or replace) the result for ``key``."""
@@ -136,7 +139,6 @@ class ResultCache:
             line=problem.line,
             gold=problem.answer,
             status="cached",
-            key=key,
             timings={},
         )
 

@@ -293,7 +293,7 @@ class KagglePredictor:
     def _record(self, result: Result, problem_id: Any, answer: int, seconds: float, share: float) -> None:
         if self.results_path is None:
             return
-        row = result.to_json()
+        row = result.to_json(schema=False)  # a results line, as the sink writes it
         row.update(id=encodable(str(problem_id)), submitted_answer=answer)
         row.update(seconds=round(seconds, 3), share_s=round(share, 3))
         try:

@@ -211,7 +211,7 @@ def solve_chunk(
             serial = int(row["serial"])
             p = by_serial.pop(serial, None)
             if p is not None:  # None: a retried batch's second answer
-                emit(_from_json(json.loads(row["result"]), p))
+                emit(_from_json(row["result"], p))
     except Exception as e:  # the chunk failed on the cluster: what has no result gets an error
         first = str(e).splitlines()[0] if str(e) else ""
         reason = f"lost on the Ray cluster: {type(e).__name__}: {first}"
@@ -223,24 +223,15 @@ def solve_chunk(
         emit(error_result(p.id, "lost on the Ray cluster: no result came back", line=p.line, gold=p.answer))
 
 
-def _from_json(d: dict[str, Any], p: Problem) -> Result:
-    return Result(
-        id=d.get("id"),
-        answer=d.get("answer"),
-        status=d.get("status", "error"),
-        error=d.get("error"),
-        line=d.get("line"),
-        votes={int(k): int(v) for k, v in (d.get("votes") or {}).items()},
-        samples=int(d.get("samples", 0)),
-        prompt_tokens=int(d.get("prompt_tokens", 0)),
-        new_tokens=int(d.get("new_tokens", 0)),
-        timings={k: float(v) / 1000.0 for k, v in (d.get("timings_ms") or {}).items()},
-        finish=dict(d.get("finish") or {}),
-        gold=p.answer,
-        early_stop=bool(d.get("early_stop", False)),
-        cells=int(d.get("cells", 0)),
-        code_errors=tuple(d.get("code_errors") or ()),
-    )
+def _from_json(text: str, p: Problem) -> Result:
+    """The result an actor sent back for ``p`` (``Result.to_json()``), or an error result naming what
+    was wrong with it."""
+    try:
+        return Result.from_json(json.loads(text))
+    except ValueError as e:
+        return error_result(
+            p.id, f"an unreadable result came back from the Ray cluster: {e}", line=p.line, gold=p.answer
+        )
 
 
 async def stream_on_ray(

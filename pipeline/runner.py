@@ -3,6 +3,7 @@
 ```
 feeder (one per stream() call)      engine (one per Pipeline, in its task group)
   parse → slot → cache ─miss─► jobs ─► tokenize ─► inference ─► verification ×N ─► vote ─► router
+            │      │                      └─prompt rejected──────────────────────────────────►│
             │      └─hit / in flight: follow───────────────────────────────────────────────┐    │
             └─bad line──────────────────────────────────────────────────────────────► route ◄┴────┘
 ```
@@ -10,8 +11,9 @@ feeder (one per stream() call)      engine (one per Pipeline, in its task group)
 Admission: a problem takes one of ``max_in_flight`` slots before anything is done for it and gives it
 back when the caller receives its result (or abandons it). Every stream between stages is sized to
 hold all admitted work, so a slow consumer fills its route, slots run out, and the feeder stops reading
-input: that is the backpressure, and host memory stays flat however long the input is. Results are
-routed by job serial; a caller that abandons its stream cancels the problems only it waited for.
+input: that is the backpressure, and host memory stays flat however long the input is. Results reach
+the router as ``Routed`` envelopes (result, job key, job serial) and are routed by serial; callers get
+the bare ``Result``. A caller that abandons its stream cancels the problems only it waited for.
 """
 
 from __future__ import annotations
@@ -26,12 +28,23 @@ from typing import Any
 import anyio
 import structlog
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline.admission import Admission, Route, Ticket
 from pipeline.budget import TimePlanner
 from pipeline.cache import ResultCache, cache_key
 from pipeline.config import Config
-from pipeline.items import Candidate, Encoded, Generation, Job, Problem, Result, error_result
+from pipeline.items import (
+    Candidate,
+    Encoded,
+    Generation,
+    Job,
+    Problem,
+    Result,
+    Routed,
+    Status,
+    error_result,
+)
 from pipeline.metrics import QueueGauge, memory_report
 from stages import tokenization, vote
 from stages.backends.base import Backend
@@ -149,7 +162,7 @@ class Engine:
         self._encoded = anyio.create_memory_object_stream[Encoded | Result](cap)
         self._generations = anyio.create_memory_object_stream[Generation | Result](rows)
         self._candidates = anyio.create_memory_object_stream[Candidate | Result](rows)
-        self._results = anyio.create_memory_object_stream[Result](cap)
+        self._results = anyio.create_memory_object_stream[Routed](cap)
         self.gauge = QueueGauge(
             {
                 "jobs": self._jobs_send,
@@ -181,7 +194,9 @@ class Engine:
                 await outer.start(self.sandbox.serve)
             await outer.start(self.gauge.run)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(tokenization.run, self._jobs_receive, enc_send, self.backend, self.cfg)
+                tg.start_soon(
+                    tokenization.run, self._jobs_receive, enc_send, self.backend, self.cfg, res_send.clone()
+                )
                 tg.start_soon(self.inference.run, enc_receive, gen_send)
                 for _ in range(self.cfg.run.verify_workers):
                     tg.start_soon(self.verification.run, gen_receive.clone(), cand_send.clone())
@@ -393,25 +408,22 @@ class Engine:
         self.stats.cleanups += 1
         self.stats.cleanup_s += time.perf_counter() - started
 
-    async def _route_results(self, receive: Any) -> None:
+    async def _route_results(self, receive: MemoryObjectReceiveStream[Routed]) -> None:
         every = self.cfg.run.cleanup_every
         routed = 0
         async with receive:
-            async for result in receive:
+            async for item in receive:
                 routed += 1
                 if every is not None and routed % every == 0:
                     self.cleanup()
-                serial = result.serial
-                if serial is None:
-                    continue
-                if result.key is not None:
-                    self._release_key(result.key, serial)
+                result, serial = item.result, item.serial
+                self._release_key(item.key, serial)
                 waiters = self._waiters.pop(serial, [])
                 if not waiters:  # everyone who asked has gone
                     continue
-                if result.key is not None and not result.partial:  # a cut-short vote is not kept
+                if not result.partial:  # a cut-short vote is not kept
                     try:
-                        await self.cache.put(result.key, result)
+                        await self.cache.put(item.key, result)
                     except Exception as e:  # a cache failure is a warning; the answers go on
                         structlog.get_logger("pipeline.cache").warning(
                             "cannot store a result in the cache", error=f"{type(e).__name__}: {e}"
@@ -421,6 +433,6 @@ class Engine:
                     if p.id == result.id and p.line == result.line:  # the problem that was computed
                         await self._deliver(result, w.ticket)
                         continue
-                    status = "error" if result.status == "error" else "cached"
+                    status: Status = "error" if result.status == "error" else "cached"
                     shared = replace(result, id=p.id, line=p.line, gold=p.answer, status=status)
                     await self._deliver(shared, w.ticket)

@@ -5,6 +5,10 @@ The submission follows from the results: one row per id (a repeated id's error l
 appended as results are written, and the whole file rebuilt from the results file when a run starts and
 when it ends (atomically), so a kill between the two writes cannot leave them disagreeing.
 
+A line is ``Result.to_json(schema=False)``. ``--resume`` and the submission read only the few fields
+they need (``id``, ``line``, ``duplicate``, ``answer``, ``status``) from each line, and take any JSON
+object, not only a whole result: a line an earlier release (or a person) wrote still counts.
+
 Writes happen in a writer task that takes every result already waiting and writes them in one call, so
 a fast stream does not pay a thread hop per line, and a crash loses nothing that was handed over.
 """
@@ -248,7 +252,8 @@ class ResultWriter:
             self._in_submission = {row[0] for row in list(csv.reader(f))[1:] if row}
 
     async def _write(self, batch: list[Result], out: Any, sub: Any) -> None:
-        text = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in batch)
+        # the lines people read keep the fields they have always had: no "schema" (they read as version 1)
+        text = "".join(json.dumps(r.to_json(schema=False), ensure_ascii=False) + "\n" for r in batch)
         if out is not None:
             await out.write(text)
             await out.flush()

@@ -2,7 +2,11 @@
 
 Every item is a frozen dataclass: a stage never mutates what it receives, it sends a new value on.
 A ``Problem`` enters, a ``Result`` leaves; in between a problem becomes one ``Encoded`` prompt, ``n``
-``Generation`` samples and ``n`` ``Candidate`` answers.
+``Generation`` samples and ``n`` ``Candidate`` answers, and its ``Result`` travels to the runner's
+router inside a ``Routed`` envelope that names the job it answers.
+
+``Result.to_json()`` and ``Result.from_json()`` are the one place that knows a result's JSON shape:
+the results files, the cache rows and the Ray transport all go through them.
 """
 
 from __future__ import annotations
@@ -10,9 +14,17 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Status = Literal["ok", "fallback", "cached", "error"]
+_STATUSES: tuple[str, ...] = get_args(Status)
+
+SCHEMA_VERSION = 2
+"""Version of a result's JSON shape (``Result.to_json``), carried as ``"schema"``; bump it when a field
+changes meaning. Version 1 is the shape results lines had before the field existed (the same fields):
+a record without ``"schema"`` reads as version 1. The results files people read leave the field out
+while their fields are version 1's."""
+_READS = (1, SCHEMA_VERSION)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -166,8 +178,6 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     finish: dict[str, int] = field(default_factory=dict)
     gold: int | None = None
-    key: str | None = field(default=None, compare=False, repr=False)
-    serial: int | None = field(default=None, compare=False, repr=False)
     duplicate: bool = False
     early_stop: bool = False
     cells: int = 0
@@ -181,8 +191,10 @@ class Result:
             return None
         return self.answer == self.gold
 
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object written as one output line; every text in it can be encoded as UTF-8."""
+    def to_json(self, *, schema: bool = True) -> dict[str, Any]:
+        """The result as a JSON object (every text in it encodable as UTF-8): timings in milliseconds,
+        vote keys as strings, the optional fields only when set. ``schema=False`` leaves out the
+        ``"schema"`` field (the results lines people read)."""
         out: dict[str, Any] = {
             "id": self.id,
             "answer": self.answer,
@@ -207,8 +219,108 @@ class Result:
             out["cells"] = self.cells
         if self.code_errors:
             out["code_errors"] = list(self.code_errors)
+        if schema:
+            out["schema"] = SCHEMA_VERSION
         clean: dict[str, Any] = _encodable_json(out)
         return clean
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Result:
+        """The result a ``to_json()`` object (of this version, or of version 1: no ``"schema"``)
+        describes. ``id``, ``answer`` and ``status`` are required; the other fields default as in
+        ``Result``; fields it does not know (``correct``, a Kaggle record's extras) are ignored.
+
+        Raises:
+            ValueError: ``obj`` is not such an object; the message names the field at fault.
+        """
+        if not isinstance(obj, dict):
+            raise ValueError(f"a result record must be a JSON object, not {type(obj).__name__}")
+        version = obj.get("schema", 1)
+        if version not in _READS or isinstance(version, bool):
+            reads = " and ".join(map(str, _READS))
+            raise ValueError(f"result record: field 'schema' is {_show(version)}; this release reads {reads}")
+        for name in ("id", "answer", "status"):
+            if name not in obj:
+                raise ValueError(f"result record: field {name!r} is missing")
+        status = obj["status"]
+        if status not in _STATUSES:
+            raise ValueError(f"result record: field 'status' is {_show(status)}, not one of {_STATUSES}")
+        try:
+            votes = {int(k): v for k, v in _field(obj, "votes", dict, {}).items()}
+        except ValueError:
+            raise ValueError("result record: field 'votes' has a key that is not an integer") from None
+        timings = _field(obj, "timings_ms", dict, {})
+        code_errors = _field(obj, "code_errors", list, [])
+        return cls(
+            id=_field(obj, "id", str, None),
+            answer=_field(obj, "answer", int, None),
+            status=status,
+            error=_field(obj, "error", str, None),
+            line=_field(obj, "line", int, None),
+            votes=_each(votes, int, "votes"),
+            samples=_field(obj, "samples", int, 0),
+            prompt_tokens=_field(obj, "prompt_tokens", int, 0),
+            new_tokens=_field(obj, "new_tokens", int, 0),
+            timings={k: v / 1000.0 for k, v in _each(timings, float, "timings_ms").items()},
+            finish=_each(_field(obj, "finish", dict, {}), int, "finish"),
+            gold=_field(obj, "gold", int, None),
+            duplicate=_field(obj, "duplicate", bool, False),
+            early_stop=_field(obj, "early_stop", bool, False),
+            cells=_field(obj, "cells", int, 0),
+            code_errors=tuple(_each(dict(enumerate(code_errors)), str, "code_errors").values()),
+        )
+
+
+_KINDS = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    dict: "an object",
+    list: "a list",
+}
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # JSON's true is no number
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
+
+
+def _field(obj: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    """``obj[name]``, which must be a ``kind``; ``default`` when it is absent or ``null``."""
+    value = obj.get(name)
+    if value is None:
+        return default
+    if not _is(value, kind):
+        raise ValueError(f"result record: field {name!r} is {_show(value)}, not {_KINDS[kind]}")
+    return value
+
+
+def _each(d: dict[Any, Any], kind: type, name: str) -> dict[Any, Any]:
+    """``d``, once every value in it is a ``kind``."""
+    for k, v in d.items():
+        if not _is(v, kind):
+            raise ValueError(f"result record: field {name!r} holds {_show(v)} at {k!r}, not {_KINDS[kind]}")
+    return d
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A result on its way to the runner's router with the job it answers: ``key`` (its cache key)
+    and ``serial`` (whose waiters get it). The vote stage, and the tokenize stage for a prompt it
+    rejects, send these; the router unwraps them, so callers only ever see the ``result``."""
+
+    result: Result
+    key: str
+    serial: int
 
 
 def error_result(
@@ -217,8 +329,6 @@ def error_result(
     *,
     line: int | None = None,
     gold: int | None = None,
-    key: str | None = None,
-    serial: int | None = None,
     duplicate: bool = False,
 ) -> Result:
     """A result for an item that could not be solved; ``reason`` is shown to the user."""
@@ -229,7 +339,5 @@ def error_result(
         error=reason,
         line=line,
         gold=gold,
-        key=key,
-        serial=serial,
         duplicate=duplicate,
     )

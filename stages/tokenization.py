@@ -1,14 +1,16 @@
-"""The tokenize stage: a problem through the prompt style and the chat template into token ids."""
+"""The tokenize stage: a problem through the prompt style and the chat template into token ids.
+
+A prompt it cannot encode, or one too long for the model, ends there: its error result goes straight
+to the router (``failed``), routed to its job, past the stages that would only pass it on."""
 
 from __future__ import annotations
-
-import time
 
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from stages.backends.base import Backend
+from stages.clock import now
 from stages.config import Config
-from stages.items import Encoded, Job, Result, error_result
+from stages.items import Encoded, Job, Result, Routed, error_result
 from stages.prompting import style_for
 
 
@@ -24,7 +26,7 @@ def messages_for(text: str, cfg: Config) -> list[dict[str, str]]:
 
 def encode(job: Job, backend: Backend, cfg: Config) -> Encoded | Result:
     """Tokenize one problem; a prompt that leaves no room to answer becomes an error result."""
-    start = time.perf_counter()
+    start = now()
     problem = job.problem
     try:
         ids = backend.encode(messages_for(problem.text, cfg))
@@ -34,8 +36,6 @@ def encode(job: Job, backend: Backend, cfg: Config) -> Encoded | Result:
             f"cannot tokenize the problem: {e}",
             line=problem.line,
             gold=problem.answer,
-            key=job.key,
-            serial=job.serial,
         )
     budget = backend.max_context - cfg.generation.max_new_tokens
     if len(ids) > budget:
@@ -46,19 +46,23 @@ def encode(job: Job, backend: Backend, cfg: Config) -> Encoded | Result:
             f"it exceeds the model's context of {backend.max_context} tokens",
             line=problem.line,
             gold=problem.answer,
-            key=job.key,
-            serial=job.serial,
         )
-    return Encoded(job=job, prompt_ids=tuple(ids), tokenize_s=time.perf_counter() - start)
+    return Encoded(job=job, prompt_ids=tuple(ids), tokenize_s=now() - start)
 
 
 async def run(
     receive: MemoryObjectReceiveStream[Job],
-    send: MemoryObjectSendStream[Encoded | Result],
+    send: MemoryObjectSendStream[Encoded],
     backend: Backend,
     cfg: Config,
+    failed: MemoryObjectSendStream[Routed],
 ) -> None:
-    """Encode each job in arrival order (a fast tokenizer takes well under a millisecond a prompt)."""
-    async with receive, send:
+    """Encode each job in arrival order (a fast tokenizer takes well under a millisecond a prompt);
+    a job that cannot be encoded sends its error result to ``failed``."""
+    async with receive, send, failed:
         async for job in receive:
-            await send.send(encode(job, backend, cfg))
+            out = encode(job, backend, cfg)
+            if isinstance(out, Result):
+                await failed.send(Routed(out, job.key, job.serial))
+            else:
+                await send.send(out)

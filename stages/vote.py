@@ -5,10 +5,12 @@ optionally times the sample's confidence from its token log-probabilities). The 
 ties go to more samples, then to the answer whose first sample has the lowest index, so the result does
 not depend on the order samples finish in.
 
-Early stop (``vote.early_stop = K``): a problem is decided once K samples agree, or once its leader
-cannot be overtaken by the samples still running; its result leaves at once and ``on_decided(serial)``
-cancels the rest (the runner wires it to ``Inference.cancel``). Their aborted samples still arrive and
-are dropped here, so the bookkeeping of each problem ends when all its samples are in.
+Each result leaves in a ``Routed`` envelope naming its job's key and serial, which the runner's router
+unwraps. Early stop (``vote.early_stop = K``): a problem is decided once K samples agree, or once its
+leader cannot be overtaken by the samples still running; its result leaves at once and
+``on_decided(serial)`` cancels the rest (the runner wires it to ``Inference.cancel``). Their aborted
+samples still arrive and are dropped here, so the bookkeeping of each problem ends when all its samples
+are in.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from stages.config import Config, VoteConfig
-from stages.items import Candidate, Result
+from stages.items import Candidate, Result, Routed
 
 MAX_CONFIDENCE = 10.0  # 1 / (0 + 0.1): the most one sample's confidence can multiply its weight by
 
@@ -126,8 +128,6 @@ def build_result(candidates: list[Candidate], cfg: Config, *, early: bool = Fals
         "new_tokens": sum(c.generation.new_tokens for c in candidates),
         "timings": timings,
         "finish": _finish(candidates, of, early),
-        "key": encoded.job.key,
-        "serial": encoded.job.serial,
         "early_stop": early,
         "cells": sum(c.generation.cells for c in candidates),
         "code_errors": tuple(
@@ -191,19 +191,22 @@ class _Group:
 
 async def run(
     receive: MemoryObjectReceiveStream[Candidate | Result],
-    send: MemoryObjectSendStream[Result],
+    send: MemoryObjectSendStream[Routed],
     cfg: Config,
     on_decided: Callable[[int], Any] | None = None,
 ) -> None:
-    """Gather each problem's candidates; send its ``Result`` when all are in or the vote is decided."""
+    """Gather each problem's candidates; send its ``Result``, routed to its job, when all are in or the
+    vote is decided. A bare ``Result`` (the earlier stages pass them on) names no job and cannot be
+    routed: it is dropped (none comes; a prompt the tokenize stage rejects goes to the router
+    directly)."""
     groups: dict[int, _Group] = {}
     async with receive, send:
         async for item in receive:
-            if isinstance(item, Result):
-                await send.send(item)
+            if not isinstance(item, Candidate):
                 continue
             gen = item.generation
-            serial = gen.encoded.job.serial
+            job = gen.encoded.job
+            serial = job.serial
             group = groups.setdefault(serial, _Group())
             group.seen += 1
             complete = group.seen >= gen.of
@@ -213,9 +216,9 @@ async def run(
                 continue
             group.candidates.append(item)
             if complete:
-                await send.send(build_result(group.candidates, cfg))
+                await send.send(Routed(build_result(group.candidates, cfg), job.key, serial))
             elif decided(group.candidates, gen.of, cfg.vote):
                 group.done = True
                 if on_decided is not None:
                     on_decided(serial)
-                await send.send(build_result(group.candidates, cfg, early=True))
+                await send.send(Routed(build_result(group.candidates, cfg, early=True), job.key, serial))

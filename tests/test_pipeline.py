@@ -372,3 +372,20 @@ async def test_leaving_a_stream_block_gives_back_its_slots_without_the_garbage_c
     finally:
         gc.enable()
     assert len(after) == 10
+
+
+async def test_a_prompt_too_long_for_the_model_reaches_every_caller_who_asked():
+    # the tokenize stage sends it to the router directly; the second copy follows the first
+    long = {"problem": "What is 1 + 2? " + "x" * 2000}
+    items = [{"id": "long", **long}, {"id": "again", **long}, *problems(3)]
+    cfg = small_config(generation={"max_new_tokens": 16}, cache={"size": 100})
+    async with Pipeline(cfg, backend=FakeBackend(max_context=1000)) as p:
+        results = await collect(p, items)
+        again = await collect(p, [{"id": "later", **long}])
+    by_id = {r.id: r for r in results}
+    assert sorted(by_id) == ["again", "long", "p0", "p1", "p2"]
+    for pid in ("long", "again"):
+        assert by_id[pid].status == "error" and "exceeds the model's context" in (by_id[pid].error or "")
+    assert all(by_id[f"p{i}"].answer == i + 2 for i in range(3))
+    assert again[0].status == "error"  # an error is not cached: computed (and rejected) again
+    assert not any(hasattr(r, "key") or hasattr(r, "serial") for r in [*results, *again])

@@ -11,6 +11,7 @@ import tracemalloc
 from pathlib import Path
 
 import anyio
+import structlog.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -167,14 +168,24 @@ def test_a_cache_folder_that_cannot_be_opened_is_a_warning(tmp_path: Path):
 
 
 async def test_cache_rows_of_another_schema_version_are_misses(tmp_path: Path):
-    from pipeline.items import Problem, Result
+    from pipeline.items import SCHEMA_VERSION, Problem, Result
 
     c = cache_module.ResultCache(0, str(tmp_path))
     try:
         store = c._store
         assert store is not None
         store._db.execute("INSERT INTO results VALUES (?, ?)", ("old", '{"answer": 1, "status": "ok"}'))
-        assert await c.get(Problem(id="x", text="t"), "old") is None
+        # a row as the cache wrote it before it stored Result.to_json(): its own "v", no "schema"
+        legacy = {"answer": 1, "status": "ok", "error": None, "votes": [[1, 1]], "samples": 1, "v": 2}
+        store._db.execute("INSERT INTO results VALUES (?, ?)", ("legacy", json.dumps(legacy)))
+        bad = {"id": "z", "answer": 1, "status": "ok", "votes": {"one": 1}, "schema": SCHEMA_VERSION}
+        store._db.execute("INSERT INTO results VALUES (?, ?)", ("bad", json.dumps(bad)))
+        with structlog.testing.capture_logs() as logs:
+            for key in ("old", "legacy", "bad", "old"):
+                assert await c.get(Problem(id="x", text="t"), key) is None
+        warnings = [e["event"] for e in logs if e["log_level"] == "warning"]
+        assert len(warnings) == 2 and "another format version" in warnings[0]  # that one once
+        assert "unreadable row" in warnings[1] and "'votes'" in logs[-1]["error"]
         await c.put("new", Result(id="y", answer=7, status="ok", votes={7: 1}, finish={"eos": 1}))
         hit = await c.get(Problem(id="x", text="t"), "new")
         assert hit is not None and hit.answer == 7 and hit.id == "x" and hit.finish == {"eos": 1}

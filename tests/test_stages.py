@@ -4,7 +4,7 @@ import anyio
 import pytest
 
 from pipeline.config import Config
-from pipeline.items import Candidate, Encoded, Generation, Job, Problem, Result
+from pipeline.items import Candidate, Encoded, Generation, Job, Problem, Result, Routed
 from stages import tokenization, vote
 from stages.backends.fake import FakeBackend
 from stages.inference import Inference
@@ -31,10 +31,15 @@ async def run_stage(stage, items, *args, capacity=1000):
 async def test_tokenization_encodes_and_rejects_prompts_over_the_context():
     backend = FakeBackend(max_context=400)
     cfg = small_config(generation={"max_new_tokens": 300})
-    out = await run_stage(tokenization.run, [job(1), job(2, "x" * 150)], backend, cfg)
-    assert isinstance(out[0], Encoded) and out[0].prompt_tokens == len("What is 1 + 1?")
-    assert isinstance(out[1], Result) and out[1].status == "error" and out[1].key == "k2"
-    assert "exceeds the model's context of 400 tokens" in (out[1].error or "")
+    failed_send, failed_receive = anyio.create_memory_object_stream[Routed](10)
+    out = await run_stage(tokenization.run, [job(1), job(2, "x" * 150)], backend, cfg, failed_send)
+    async with failed_receive:
+        failed = [x async for x in failed_receive]
+    assert len(out) == 1 and isinstance(out[0], Encoded) and out[0].prompt_tokens == len("What is 1 + 1?")
+    # the rejected prompt goes straight to the router, routed to its job
+    assert len(failed) == 1 and (failed[0].key, failed[0].serial) == ("k2", 2)
+    assert isinstance(failed[0].result, Result) and failed[0].result.status == "error"
+    assert "exceeds the model's context of 400 tokens" in (failed[0].result.error or "")
 
 
 def encoded(i: int, text: str | None = None) -> Encoded:
@@ -217,7 +222,8 @@ async def test_the_vote_waits_until_all_of_a_problems_samples_are_in():
 
     items = [cand(e1, 0, 5), cand(e2, 0, 9), cand(e2, 1, 9), cand(e1, 1, 6)]
     out = await run_stage(vote.run, items, cfg)
-    assert [(r.id, r.answer, r.samples) for r in out] == [("p2", 9, 2), ("p1", 5, 2)]
+    assert [(o.serial, o.key) for o in out] == [(2, "k2"), (1, "k1")]  # each routed to its job
+    assert [(o.result.id, o.result.answer, o.result.samples) for o in out] == [("p2", 9, 2), ("p1", 5, 2)]
 
 
 @pytest.mark.parametrize("samples", [1, 4])

@@ -123,6 +123,16 @@ class Sandbox:
         self.stats = SandboxStats()
         self.confinement: Confinement | None = None
 
+        self._idle: list[Kernel] = []
+        self._live = 0
+        self._failures = 0
+        self._last_error = ""
+        self._changed = anyio.Event()
+        self._serving = False
+        self._closed = False
+        self._uids: set[int] = set()
+        self._next_slot = 0
+
     def statistics(self) -> dict[str, Any]:
         """A snapshot for the run's metrics: the counters and what confinement holds."""
         out = self.stats.report()
@@ -134,15 +144,6 @@ class Sandbox:
                 **({"missing": c.missing} if c.missing else {}),
             }
         return out
-        self._idle: list[Kernel] = []
-        self._live = 0
-        self._failures = 0
-        self._last_error = ""
-        self._changed = anyio.Event()
-        self._serving = False
-        self._closed = False
-        self._uids: set[int] = set()
-        self._next_slot = 0
 
     @property
     def missing(self) -> list[str]:

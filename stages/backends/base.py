@@ -28,6 +28,10 @@ class SamplingParams:
     completion; the text returned stops before the string. ``logprobs`` asks for the log-probability
     of each generated token under the model. ``stop_at_answer`` ends the completion right after the
     first complete ``\\boxed{...}`` written outside a code block (finish reason ``answer``).
+    ``stop_token_ids`` end the completion at any of these token ids (finish reason ``stop``, the id
+    named in ``Completion.stop_token``; it is the last of ``token_ids``, and ``text`` leaves it out, as
+    vLLM does). ``top_logprobs`` k > 0 asks for the k highest log-probabilities at each generated
+    position (``Completion.top_logprobs``).
     """
 
     max_new_tokens: int
@@ -39,6 +43,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     stop_at_answer: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -51,6 +57,10 @@ class SamplingParams:
             raise ValueError("min_p must be in [0, 1)")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop token ids must be non-negative")
+        if self.top_logprobs < 0:
+            raise ValueError("top_logprobs must be at least 0")
 
 
 @dataclass(frozen=True)
@@ -74,10 +84,13 @@ class Completion:
     """What the model wrote for one request.
 
     ``finish_reason``: ``eos`` (the model ended), ``length`` (``max_new_tokens`` reached), ``stop`` (a
-    stop string, named in ``stop_string``; ``text`` ends before it), ``answer`` (the request asked to
-    stop at its answer and ``text`` ends with the closing brace of its ``\\boxed{}``), ``aborted``
-    (cancelled).
-    ``logprobs`` holds one log-probability per new token when the request asked for them.
+    stop string, named in ``stop_string``, ``text`` ending before it; or a stop token id, named in
+    ``stop_token`` with ``stop_string`` ``None``, ``token_ids`` ending with it), ``answer`` (the
+    request asked to stop at its answer and ``text`` ends with the closing brace of its
+    ``\\boxed{}``), ``aborted`` (cancelled).
+    ``logprobs`` holds one log-probability per new token when the request asked for them;
+    ``top_logprobs`` (when the request asked for k > 0) one tuple per new token: the k highest
+    log-probabilities at that position, highest first.
     """
 
     token_ids: tuple[int, ...]
@@ -85,6 +98,8 @@ class Completion:
     finish_reason: FinishReason
     stop_string: str | None = None
     logprobs: tuple[float, ...] | None = None
+    stop_token: int | None = None
+    top_logprobs: tuple[tuple[float, ...], ...] | None = None
 
     @property
     def new_tokens(self) -> int:

@@ -4,7 +4,9 @@ It follows the backend protocol exactly as the transformers adapter does: reques
 the same ``BatchScheduler`` and a batch runs in one thread, one "decode step" per word of the scripted
 output (``step_s`` sleeps per step, so cancellation can be observed mid-generation), with stop strings,
 ``max_new_tokens``, per-row abort and early delivery of finished rows. The prompt "tokens" are the code
-points of the user message, so a script can see the problem text.
+points of the user message, so a script can see the problem text. The n-th word of the output is token
+id n (from 1), so ``stop_token_ids=(3,)`` ends a completion at its third word (left out of the text, as
+vLLM leaves a stop token out); ``top_logprobs`` k gives each token -0.5, -1.0, ... (k values).
 """
 
 from __future__ import annotations
@@ -154,13 +156,18 @@ class FakeBackend(BackendBase, CodePoints):
         text = "".join(words[:step])
         ids = tuple(range(1, min(step, len(words)) + 1))
         lp = tuple(-0.5 for _ in ids) if p.logprobs else None
+        k = p.top_logprobs
+        top = tuple(tuple(-0.5 * (j + 1) for j in range(k)) for _ in ids) if k else None
+        if step <= len(words) and step in p.stop_token_ids:
+            before = "".join(words[: step - 1])
+            return Completion(ids, before, "stop", logprobs=lp, stop_token=step, top_logprobs=top)
         cut, reason, found = finish_text(text, p.stop, p.stop_at_answer)
         if reason is not None:
-            return Completion(ids, cut, reason, stop_string=found, logprobs=lp)
+            return Completion(ids, cut, reason, stop_string=found, logprobs=lp, top_logprobs=top)
         if step >= len(words):
-            return Completion(ids, text, "eos", logprobs=lp)
+            return Completion(ids, text, "eos", logprobs=lp, top_logprobs=top)
         if step >= p.max_new_tokens:
-            return Completion(ids, text, "length", logprobs=lp)
+            return Completion(ids, text, "length", logprobs=lp, top_logprobs=top)
         return None
 
     def memory_profile(self) -> MemoryProfile | None:

@@ -6,11 +6,15 @@ A replay file is JSON lines, one completion each:
 out to answer every sample), ``round`` the round of tool use (0 first). ``finish_reason``,
 ``stop_string``, ``logprobs`` and ``seconds`` (how long the replay waits before answering, cancellably)
 are optional: without a finish reason the text is cut at the request's stop strings and answer as a
-model's would be. ``--record FILE`` writes this format from a real run, so a run can be re-scored
-under other voting settings without the model; tests write it by hand to script code and attacks
-through the real pipeline.
+model's would be. So are ``token_ids`` (the completion's real ids, for a prompt style that parses ids:
+without a finish reason they end at the request's first stop token id, which is then ``stop_token``,
+or at ``max_new_tokens``; the text stays the record's, cut only by stop strings and the answer),
+``stop_token`` and ``top_logprobs`` (one list per token, highest first). ``--record FILE`` writes this
+format from a real run (``token_ids`` when the request asked for stop token ids), so a run can be
+re-scored under other voting settings without the model; tests write it by hand to script code and
+attacks through the real pipeline.
 
-Token counts are words (as in the fake backend): the replay needs no tokenizer.
+Without ``token_ids``, token counts are words (as in the fake backend): the replay needs no tokenizer.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from stages.backends.base import (
     FinishReason,
     MemoryProfile,
     Request,
+    SamplingParams,
 )
 from stages.backends.fake import CodePoints
 from stages.clock import now
@@ -93,6 +98,11 @@ class ReplayBackend(BackendBase, CodePoints):
                 reason = rec.get("finish_reason")
                 if reason is not None and reason not in _REASONS:
                     raise ValueError(f'"finish_reason" must be one of {", ".join(_REASONS)}')
+                ids = rec.get("token_ids")
+                if ids is not None and not (
+                    isinstance(ids, list) and all(isinstance(t, int) and t >= 0 for t in ids)
+                ):
+                    raise ValueError('"token_ids" must be a list of non-negative integers')
             except KeyError as e:
                 raise BackendError(f"{p} line {n}: missing field {e}") from e
             except (ValueError, TypeError) as e:
@@ -150,10 +160,18 @@ def _completion(rec: dict[str, Any], request: Request) -> Completion:
     p = request.params
     text: str = rec["text"]
     logprobs = tuple(float(x) for x in rec["logprobs"]) if p.logprobs and rec.get("logprobs") else None
+    top = None
+    if p.top_logprobs and rec.get("top_logprobs"):
+        top = tuple(tuple(float(x) for x in row[: p.top_logprobs]) for row in rec["top_logprobs"])
     reason: FinishReason | None = rec.get("finish_reason")
+    recorded_ids = rec.get("token_ids")
     if reason is not None:
         words = _WORD.findall(text)
-        return Completion(tuple(range(len(words))), text, reason, rec.get("stop_string"), logprobs)
+        ids = tuple(recorded_ids) if recorded_ids is not None else tuple(range(len(words)))
+        stop_token = rec.get("stop_token")
+        return Completion(ids, text, reason, rec.get("stop_string"), logprobs, stop_token, top)
+    if recorded_ids is not None:
+        return _by_token_ids(recorded_ids, text, p, logprobs, top)
     words = _WORD.findall(text)[: p.max_new_tokens]
     cut = "".join(words)
     cut, how, stop_string = finish_text(cut, p.stop, p.stop_at_answer)
@@ -164,7 +182,39 @@ def _completion(rec: dict[str, Any], request: Request) -> Completion:
     else:
         reason = "eos"
     n = len(_WORD.findall(cut))
-    return Completion(tuple(range(n)), cut, reason, stop_string, logprobs[:n] if logprobs else None)
+    return Completion(
+        tuple(range(n)),
+        cut,
+        reason,
+        stop_string,
+        logprobs[:n] if logprobs else None,
+        None,
+        top[:n] if top else None,
+    )
+
+
+def _by_token_ids(
+    recorded: list[int],
+    text: str,
+    p: SamplingParams,
+    logprobs: tuple[float, ...] | None,
+    top: tuple[tuple[float, ...], ...] | None,
+) -> Completion:
+    """A completion from recorded token ids: they end at the first stop token id (inclusive) or at
+    ``max_new_tokens``; the text is the record's, cut by stop strings and the answer."""
+    ends = set(p.stop_token_ids)
+    n = next((i + 1 for i, t in enumerate(recorded) if t in ends), len(recorded))
+    n = min(n, p.max_new_tokens)
+    ids = tuple(recorded[:n])
+    lp = logprobs[:n] if logprobs else None
+    tp = top[:n] if top else None
+    if ids and ids[-1] in ends:
+        return Completion(ids, text, "stop", logprobs=lp, stop_token=ids[-1], top_logprobs=tp)
+    cut, how, stop_string = finish_text(text, p.stop, p.stop_at_answer)
+    if how is not None:
+        return Completion(ids, cut, how, stop_string, lp, top_logprobs=tp)
+    reason: FinishReason = "length" if n < len(recorded) else "eos"
+    return Completion(ids, text, reason, logprobs=lp, top_logprobs=tp)
 
 
 class RecordingBackend(BackendBase):
@@ -216,6 +266,12 @@ class RecordingBackend(BackendBase):
             rec["stop_string"] = c.stop_string
         if c.logprobs is not None:
             rec["logprobs"] = [round(x, 5) for x in c.logprobs]
+        if c.stop_token is not None:
+            rec["stop_token"] = c.stop_token
+        if c.top_logprobs is not None:
+            rec["top_logprobs"] = [[round(x, 5) for x in row] for row in c.top_logprobs]
+        if request.params.stop_token_ids:  # a prompt style that parses ids needs them back
+            rec["token_ids"] = list(c.token_ids)
         self._file.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self._file.flush()
         self.written += 1

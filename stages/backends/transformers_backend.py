@@ -122,7 +122,7 @@ def quantize_linear_int8(model: Any) -> Any:
 class _RowState:
     """What the model thread keeps per row of a running batch."""
 
-    __slots__ = ("finished", "generator", "logprobs", "stop_tail")
+    __slots__ = ("finished", "generator", "logprobs", "stop_tail", "top")
 
     def __init__(self, row: Row, device: str) -> None:
         import torch
@@ -134,6 +134,7 @@ class _RowState:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(p.seed)
         self.logprobs: list[float] | None = [] if p.logprobs else None
+        self.top: list[tuple[float, ...]] | None = [] if p.top_logprobs else None
         # tokens to decode when looking for a stop string: enough to hold the longest one
         self.stop_tail = max((len(s) for s in p.stop), default=0) + 4
 
@@ -149,7 +150,8 @@ class _PickTokens:
         self.rows = rows
         self.states = states
         self.sampled = [i for i, r in enumerate(rows) if not r.request.params.greedy]
-        self.want_logprobs = any(s.logprobs is not None for s in states)
+        self.want_logprobs = any(s.logprobs is not None or s.top is not None for s in states)
+        self.top_k = max((r.request.params.top_logprobs for r in rows), default=0)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
@@ -172,12 +174,16 @@ class _PickTokens:
                 probs = probs.scatter(0, order, torch.where(beyond, 0.0, sorted_p))
             chosen[i] = torch.multinomial(probs, 1, generator=state.generator)[0]
         if self.want_logprobs:
-            picked = (
-                torch.log_softmax(scores.float(), dim=-1).gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-            )
-            for state, lp in zip(self.states, picked, strict=True):
-                if state.logprobs is not None and not state.finished:
-                    state.logprobs.append(lp)
+            log_probs = torch.log_softmax(scores.float(), dim=-1)
+            picked = log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+            top = torch.topk(log_probs, self.top_k, dim=-1).values.tolist() if self.top_k else None
+            for i, (row, state) in enumerate(zip(self.rows, self.states, strict=True)):
+                if state.finished:
+                    continue
+                if state.logprobs is not None:
+                    state.logprobs.append(picked[i])
+                if state.top is not None and top is not None:
+                    state.top.append(tuple(top[i][: row.request.params.top_logprobs]))
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen.unsqueeze(1), 0.0)
         return out
@@ -217,23 +223,24 @@ class _EndRows:
     ) -> Completion | None:
         p = row.request.params
         b = self.backend
+        new = input_ids[i, self.width :].tolist()
         if last in b.eos_ids:
-            return b.completion(input_ids[i, self.width :].tolist(), "eos", state.logprobs)
+            return b.completion(new, "eos", state.logprobs, top=state.top)
+        if last in p.stop_token_ids:
+            return b.completion(new, "token", state.logprobs, top=state.top, stop_token_ids=p.stop_token_ids)
         if p.stop or p.stop_at_answer:
             tail_ids = input_ids[i, max(self.width, input_ids.shape[1] - state.stop_tail) :].tolist()
             tail = b.tokenizer.decode(tail_ids, skip_special_tokens=True)
             if p.stop_at_answer and "}" in tail:
-                completion = b.completion(
-                    input_ids[i, self.width :].tolist(), "answer", state.logprobs, p.stop
-                )
+                completion = b.completion(new, "answer", state.logprobs, p.stop, top=state.top)
                 if completion.finish_reason == "answer":
                     return completion
             if p.stop and any(s in tail for s in p.stop):
-                completion = b.completion(input_ids[i, self.width :].tolist(), "stop", state.logprobs, p.stop)
+                completion = b.completion(new, "stop", state.logprobs, p.stop, top=state.top)
                 if completion.stop_string is not None:
                     return completion
         if steps >= p.max_new_tokens:
-            return b.completion(input_ids[i, self.width :].tolist(), "length", state.logprobs)
+            return b.completion(new, "length", state.logprobs, top=state.top)
         return None
 
 
@@ -335,25 +342,37 @@ class TransformersBackend(BackendBase):
         return await self.scheduler.generate(request)
 
     def completion(
-        self, new: list[int], reason: str, logprobs: list[float] | None = None, stop: tuple[str, ...] = ()
+        self,
+        new: list[int],
+        reason: str,
+        logprobs: list[float] | None = None,
+        stop: tuple[str, ...] = (),
+        *,
+        top: list[tuple[float, ...]] | None = None,
+        stop_token_ids: tuple[int, ...] = (),
     ) -> Completion:
         """A row's completion from its new token ids and their log-probs (from the model thread).
 
-        ``eos``: the ids end at the first EOS; ``stop``: the text ends before the first stop string
-        (``stop_string`` stays ``None`` when none of ``stop`` is in the text).
+        ``eos``: the ids end at the first EOS; ``token``: at the first of ``stop_token_ids`` (finish
+        reason ``stop``, the text without that token, as vLLM's); ``stop``: the text ends before the
+        first stop string (``stop_string`` stays ``None`` when none of ``stop`` is in the text).
         """
         n = len(new)
-        if reason == "eos":
-            n = next((i + 1 for i, t in enumerate(new) if t in self.eos_ids), n)
+        ends = self.eos_ids if reason == "eos" else set(stop_token_ids) if reason == "token" else set()
+        n = next((i + 1 for i, t in enumerate(new) if t in ends), n)
         ids = tuple(new[:n])
-        text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
         lp = tuple(logprobs[:n]) if logprobs is not None else None
+        tp = tuple(top[:n]) if top is not None else None
+        if reason == "token" and ids and ids[-1] in ends:
+            text = self.tokenizer.decode(list(ids[:-1]), skip_special_tokens=True)
+            return Completion(ids, text, "stop", logprobs=lp, stop_token=ids[-1], top_logprobs=tp)
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
         if reason in ("answer", "stop"):  # only the rule asked for ends it here; else it ran out
             cut, how, found = finish_text(text, stop, at_answer=reason == "answer")
             if how != reason:
-                return Completion(ids, text, "length", logprobs=lp)
-            return Completion(ids, cut, how, stop_string=found, logprobs=lp)
-        return Completion(ids, text, "eos" if reason == "eos" else "length", logprobs=lp)
+                return Completion(ids, text, "length", logprobs=lp, top_logprobs=tp)
+            return Completion(ids, cut, how, stop_string=found, logprobs=lp, top_logprobs=tp)
+        return Completion(ids, text, "eos" if reason == "eos" else "length", logprobs=lp, top_logprobs=tp)
 
     def _run_batch(self, rows: list[Row]) -> None:
         """Left-pad the rows into one batch and run ``model.generate`` once (in the model thread)."""
@@ -389,7 +408,7 @@ class TransformersBackend(BackendBase):
             if not state.finished and not row.aborted:
                 state.finished = True
                 limit = row.request.params.max_new_tokens
-                row.finish(self.completion(new[i][:limit], "length", state.logprobs))
+                row.finish(self.completion(new[i][:limit], "length", state.logprobs, top=state.top))
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """CUDA out-of-memory, or the CPU allocator failing."""

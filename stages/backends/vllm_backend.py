@@ -33,6 +33,7 @@ from stages.backends.base import (
     FinishReason,
     MemoryProfile,
     Request,
+    SamplingParams,
     kv_bytes_per_token,
 )
 from stages.backends.models import resolve_model
@@ -235,7 +236,9 @@ class VllmBackend(BackendBase):
             min_p=0.0 if p.greedy else p.min_p,
             seed=None if p.greedy else p.seed,
             stop=list(p.stop) or None,
-            logprobs=0 if p.logprobs else None,
+            stop_token_ids=list(p.stop_token_ids) or None,
+            # k > 0 returns the top k of each position besides the drawn token
+            logprobs=p.top_logprobs if p.logprobs or p.top_logprobs else None,
             # to stop at the answer the text is watched as it grows
             output_kind=RequestOutputKind.CUMULATIVE if p.stop_at_answer else RequestOutputKind.FINAL_ONLY,
         )
@@ -261,7 +264,7 @@ class VllmBackend(BackendBase):
                 if request.params.stop_at_answer and out.outputs:
                     cut, how, _ = finish_text(out.outputs[0].text, (), at_answer=True)
                     if how == "answer":  # leaving the generator aborts the request in the engine
-                        return self.answered(out.outputs[0], len(cut), request.params.logprobs)
+                        return self.answered(out.outputs[0], len(cut), request.params)
         except Exception as e:
             if self.engine.errored:
                 raise BackendError(f"the vLLM engine died: {e}") from e
@@ -272,31 +275,53 @@ class VllmBackend(BackendBase):
                 await stream.aclose()  # an unfinished stream aborts its request
         if final is None or not final.outputs:
             raise RuntimeError("vLLM returned no output for the request")
-        return self.completion(final.outputs[0], request.params.logprobs)
+        return self.completion(final.outputs[0], request.params)
 
     @classmethod
-    def answered(cls, out: Any, end: int, want_logprobs: bool) -> Completion:
+    def answered(cls, out: Any, end: int, params: SamplingParams) -> Completion:
         """A completion cut right after its answer's closing brace (finish reason ``answer``)."""
-        c = cls.completion(out, want_logprobs)
-        return Completion(c.token_ids, out.text[:end], "answer", logprobs=c.logprobs)
+        c = cls.completion(out, params)
+        return Completion(
+            c.token_ids, out.text[:end], "answer", logprobs=c.logprobs, top_logprobs=c.top_logprobs
+        )
 
     @staticmethod
-    def completion(out: Any, want_logprobs: bool) -> Completion:
-        """A ``Completion`` from vLLM's ``CompletionOutput``."""
+    def completion(out: Any, params: SamplingParams) -> Completion:
+        """A ``Completion`` from vLLM's ``CompletionOutput`` for a request with ``params``."""
         reason: FinishReason
-        stop_string = None
+        stop_string = stop_token = None
         if out.finish_reason == "length":
             reason = "length"
         elif out.finish_reason == "abort":
             reason = "aborted"
         elif isinstance(out.stop_reason, str):
             reason, stop_string = "stop", out.stop_reason
+        elif isinstance(out.stop_reason, int) and out.stop_reason in params.stop_token_ids:
+            reason, stop_token = "stop", out.stop_reason
         else:
-            reason = "eos"
-        logprobs = None
-        if want_logprobs and out.logprobs is not None:
-            logprobs = tuple(float(d[t].logprob) for d, t in zip(out.logprobs, out.token_ids, strict=False))
-        return Completion(tuple(out.token_ids), out.text, reason, stop_string=stop_string, logprobs=logprobs)
+            reason = "eos"  # vLLM also reports the model's extra EOS ids as stop ids: still an EOS
+        logprobs = top = None
+        if out.logprobs is not None:
+            if params.logprobs:
+                pairs = zip(out.logprobs, out.token_ids, strict=False)
+                logprobs = tuple(float(d[t].logprob) for d, t in pairs)
+            if params.top_logprobs:
+                k = params.top_logprobs
+                # each position's dict holds the top k and the drawn token (an extra one when it
+                # ranks below k)
+                top = tuple(
+                    tuple(sorted((float(lp.logprob) for lp in d.values()), reverse=True)[:k])
+                    for d in out.logprobs
+                )
+        return Completion(
+            tuple(out.token_ids),
+            out.text,
+            reason,
+            stop_string=stop_string,
+            logprobs=logprobs,
+            stop_token=stop_token,
+            top_logprobs=top,
+        )
 
     def unfinished(self) -> int:
         """Requests the engine still holds (its own count, for tests and the abort benchmark)."""

@@ -33,19 +33,18 @@ import json
 import math
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from pipeline.budget import share_of
+from pipeline.budget import TimePlanner
 from pipeline.config import Config
 from pipeline.items import Problem, Result, encodable
+from pipeline.portal import BackgroundPipeline
+from stages.clock import now
 
 log = structlog.get_logger("pipeline.kaggle")
 
@@ -102,63 +101,6 @@ def answer_frame(problem_id: Any, answer: int, like: Any = None) -> Any:
     return pd.DataFrame({"id": [problem_id], "answer": [int(answer)]})
 
 
-class TimeBudget:
-    """Shares of a total time budget, measured from the first call.
-
-    ``share()`` is what the next problem may use: ``(left - reserve_s) / problems still expected``,
-    between ``min_share_s`` and ``max_share_s``, and never past what is left minus ``reserve_s``.
-    Without ``total_s`` every share is ``max_share_s``.
-    """
-
-    def __init__(
-        self,
-        total_s: float | None,
-        expected: int,
-        *,
-        min_share_s: float = 5.0,
-        max_share_s: float = 900.0,
-        reserve_s: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.total_s = total_s
-        self.expected = max(1, expected)
-        self.min_share_s = min_share_s
-        self.max_share_s = max_share_s
-        self.reserve_s = reserve_s
-        self.clock = clock
-        self.started: float | None = None
-        self.done = 0
-
-    def start(self) -> None:
-        """Start the clock (at the first call)."""
-        if self.started is None:
-            self.started = self.clock()
-
-    def left(self) -> float:
-        """Seconds left of the budget (infinite without one)."""
-        if self.total_s is None:
-            return math.inf
-        self.start()
-        assert self.started is not None
-        return self.total_s - (self.clock() - self.started)
-
-    def share(self) -> float:
-        """Seconds the next problem may take."""
-        if self.total_s is None:
-            return self.max_share_s
-        share, _ = share_of(
-            self.left() - self.reserve_s,
-            self.expected - self.done,
-            base_s=self.min_share_s,
-            ceiling_s=self.max_share_s,
-        )
-        return share
-
-    def finished_one(self) -> None:
-        """One more problem answered (what it did not use stays in the pool)."""
-        self.done += 1
-
-
 class KagglePredictor:
     """The object behind ``make_predict``: call it as ``predict(id_, problem)``.
 
@@ -181,60 +123,28 @@ class KagglePredictor:
         backend: Any = None,
     ) -> None:
         self.config = config or Config()
-        self.budget = TimeBudget(
-            total_budget_s,
-            expected_problems,
-            min_share_s=min_share_s,
-            max_share_s=max_share_s,
-            reserve_s=reserve_s,
+        g = self.config.generation
+        self.budget = TimePlanner(  # the run's planner, one problem at a time, from the first call
+            budget_s=total_budget_s,
+            expected=max(1, expected_problems),
+            parallel=1,
+            samples=g.samples,
+            greedy=g.greedy,
+            base_s=min_share_s,
+            ceiling_s=max_share_s,
+            margin_s=reserve_s,
+            started_now=False,
         )
         self.results_path = Path(results_path) if results_path is not None else None
         self.fallback = fallback if fallback is not None else (self.config.answer.fallback or 0)
         self.load_timeout_s = load_timeout_s
         self.calls = 0
         self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._load_error: BaseException | None = None
-        self._pipeline: Any = None
-        self._portal_cm: AbstractContextManager[Any] | None = None
-        self._portal: Any = None
-        self._stopped: Any = None
-        self._serve_future: Future[None] | None = None
-        self._start(backend)
-
-    # --- the background event loop ---------------------------------------------------------------
-
-    def _start(self, backend: Any) -> None:
-        import anyio
-        from anyio.from_thread import start_blocking_portal
-
-        self._portal_cm = start_blocking_portal()
-        self._portal = self._portal_cm.__enter__()
-        self._stopped = self._portal.call(anyio.Event)  # before any close() can look for it
-        self._serve_future = self._portal.start_task_soon(self._serve, backend)
-
-    async def _serve(self, backend: Any) -> None:
-
-        from pipeline.api import Pipeline
-
-        try:
-            async with Pipeline(self.config, backend=backend) as p:
-                self._pipeline = p
-                self._ready.set()
-                log.info("model loaded", model=p.backend.model_id)
-                await self._stopped.wait()
-        except BaseException as e:
-            self._load_error = e
-            log.error("the pipeline stopped", error=f"{type(e).__name__}: {e}")
-            raise
-        finally:
-            self._pipeline = None
-            self._ready.set()
+        self._held = BackgroundPipeline(self.config, backend)
 
     def wait_ready(self, timeout_s: float | None = None) -> bool:
         """Block until the model is loaded (or failed to load); ``True`` once it can take problems."""
-        self._ready.wait(timeout_s)
-        return self._pipeline is not None
+        return self._held.wait_ready(timeout_s)
 
     # --- the gateway's call ----------------------------------------------------------------------
 
@@ -242,9 +152,9 @@ class KagglePredictor:
         """Answer one problem; returns a one-row ``id, answer`` DataFrame. Never raises: a failure is
         logged and the fallback answer returned (unless the id itself cannot be read)."""
         with self._lock:  # the gateway calls one at a time; a second caller waits its turn
-            self.budget.start()
-            started = time.monotonic()
-            share = self.budget.share()
+            started = now()
+            plan = self.budget.plan()
+            share = plan.share_s if plan.share_s is not None else math.inf
             self.calls += 1
             problem_id: Any = None
             text: str | None = None
@@ -260,27 +170,26 @@ class KagglePredictor:
                 log.error("predict failed; answering the fallback", id=problem_id, error=why)
                 result = Result(id=str(problem_id), answer=None, status="error", error=why)
                 answer = self.fallback
-            finally:
-                self.budget.finished_one()
-            self._record(result, problem_id, answer, time.monotonic() - started, share)
+            self._record(result, problem_id, answer, now() - started, share)
             return answer_frame(problem_id, answer, like=id_)
 
     def _solve(self, problem_id: str, text: str, share: float, started: float) -> Result:
-        left = share - (time.monotonic() - started)
-        if not self._ready.is_set():
+        held = self._held
+        left = share - (now() - started)
+        if not held.ready:
             log.info("waiting for the model to load", id=problem_id)
-            self._ready.wait(max(0.0, min(left, self.load_timeout_s)))
-        pipeline = self._pipeline
+            held.wait_ready(max(0.0, min(left, self.load_timeout_s)))
+        pipeline = held.pipeline
         if pipeline is None:
             reason = "the model is still loading"
-            if self._load_error is not None:
-                reason = f"the model failed to load: {self._load_error}"
+            if held.load_error is not None:
+                reason = f"the model failed to load: {held.load_error}"
             return Result(id=problem_id, answer=None, status="error", error=reason)
-        left = share - (time.monotonic() - started)
+        left = share - (now() - started)
         if left <= 0:
             return Result(id=problem_id, answer=None, status="error", error="no time left for this problem")
         item = Problem(id=problem_id, text=text)
-        future = self._portal.start_task_soon(functools.partial(pipeline.solve, item, timeout_s=left))
+        future = held.start_task_soon(functools.partial(pipeline.solve, item, timeout_s=left))
         try:
             # the pipeline answers at the deadline; the margin covers checking the finished samples'
             # answers and the vote (milliseconds, but a worker may have to be replaced)
@@ -306,18 +215,7 @@ class KagglePredictor:
 
     def close(self) -> None:
         """Stop the pipeline and the background thread (waits for the model to be released)."""
-        if self._portal is None:
-            return
-        if self._stopped is not None:
-            self._portal.call(self._stopped.set)
-        if self._serve_future is not None:
-            try:
-                self._serve_future.result(timeout=60)
-            except BaseException as e:  # a failed load was logged already
-                log.debug("pipeline ended", error=str(e))
-        assert self._portal_cm is not None
-        self._portal_cm.__exit__(None, None, None)
-        self._portal = None
+        self._held.close()
 
     def __enter__(self) -> KagglePredictor:
         return self

@@ -23,12 +23,13 @@ import os
 import sys
 import warnings
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import structlog
-from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from pipeline.config import Config
 from pipeline.items import Problem, Result, error_result
@@ -74,38 +75,32 @@ def _load(spec: str) -> Callable[[], Any]:
 
 
 class Solver:
-    """A Ray Data actor: one ``Pipeline`` for the actor's life, fed one batch at a time."""
+    """A Ray Data actor: one ``Pipeline`` for the actor's life (on a background event loop), fed one
+    batch at a time."""
 
     def __init__(self, config: dict[str, Any], backend: str | None = None) -> None:
-        from anyio.from_thread import start_blocking_portal
-
-        from pipeline.api import Pipeline
+        from pipeline.portal import BackgroundPipeline
 
         self.cfg = Config.from_dict(config)
-        self._built = _load(backend)() if backend else None
-        self._portal_cm = start_blocking_portal()
-        self.portal = self._portal_cm.__enter__()
-        self.pipeline: Pipeline
-        # the pipeline's task group lives in one task of the actor's event loop for the actor's life
-        self._held, _ = self.portal.start_task(self._hold)
-
-    async def _hold(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        from pipeline.api import Pipeline
-
-        async with Pipeline(self.cfg, backend=self._built) as p:
-            self.pipeline = p
-            task_status.started()
-            await anyio.sleep_forever()
+        self.held = BackgroundPipeline(self.cfg, _load(backend)() if backend else None)
+        if not self.held.wait_ready():  # an actor that cannot load its model fails to start
+            self.held.close()
+            raise RuntimeError(f"the pipeline on a Ray actor failed to start: {self.held.load_error}")
 
     async def _solve(self, problems: list[Problem]) -> list[Result]:
-        async with self.pipeline.stream(problems) as results:
+        async with self.held.pipeline.stream(problems) as results:
             return [r async for r in results]
+
+    def close(self) -> None:
+        """Close the pipeline and its event loop (Ray Data calls nothing at the end; the actor's
+        process ending releases it too)."""
+        self.held.close()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         """Solve a batch of rows (``serial``, ``id``, ``problem``, ``answer``, ``line``); one result row
         (``serial``, ``result`` as JSON) per input row, whatever happens inside. An actor whose
         pipeline has died exits, so that Ray restarts it and retries the batch."""
-        if self._held.done():  # the model or engine died: a fresh actor, not a row of errors each time
+        if self.held.pipeline is None:  # the model or engine died: a fresh actor, not rows of errors
             os._exit(1)
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         problems = []
@@ -120,7 +115,7 @@ class Solver:
                 )
             )
         try:
-            results = self.portal.call(self._solve, problems)
+            results = self.held.call(self._solve, problems)
         except Exception as e:  # the engine died: every row still gets its result
             reason = f"the pipeline on a Ray actor failed: {type(e).__name__}: {e}"
             results = [error_result(p.id, reason, line=p.line, gold=p.answer) for p in problems]
@@ -234,45 +229,41 @@ def _from_json(text: str, p: Problem) -> Result:
         )
 
 
+@asynccontextmanager
 async def stream_on_ray(
     items: AsyncIterator[Problem | Result], cfg: Config, options: RayOptions
-) -> AsyncIterator[Result]:
-    """Parse-level results at once; problems in chunks through Ray, each result as soon as it is
-    back. Duplicate ids follow the local policy (``RecordConverter``)."""
+) -> AsyncIterator[MemoryObjectReceiveStream[Result]]:
+    """``async with stream_on_ray(items, cfg, options) as results:``: parse-level results at once;
+    problems in chunks through Ray, each result as soon as it is back. Duplicate ids follow the local
+    policy (``RecordConverter``). Leaving the block early stops reading ``items``."""
     from stages.parse import RecordConverter
 
     convert = RecordConverter()
-    send, receive = anyio.create_memory_object_stream[Result | None](
-        options.batch_size * options.replicas * 4
-    )
+    send, receive = anyio.create_memory_object_stream[Result](options.batch_size * options.replicas * 4)
 
     def emit(result: Result) -> None:  # from the Ray thread into this loop
         anyio.from_thread.run(send.send, result)
 
-    async def run_chunk(chunk: list[tuple[int, Problem]]) -> None:
-        await anyio.to_thread.run_sync(solve_chunk, chunk, cfg, options, emit)
-        await send.send(None)
+    async def produce() -> None:
+        async with send:
+            chunk: list[tuple[int, Problem]] = []
+            serial = 0
+            async for item in items:
+                converted = convert(item)
+                if isinstance(converted, Result):
+                    await send.send(converted)
+                    continue
+                chunk.append((serial, converted))
+                serial += 1
+                if len(chunk) >= CHUNK:
+                    await anyio.to_thread.run_sync(solve_chunk, chunk, cfg, options, emit)
+                    chunk = []
+            if chunk:
+                await anyio.to_thread.run_sync(solve_chunk, chunk, cfg, options, emit)
 
-    async def produce(tg: Any) -> None:
-        chunk: list[tuple[int, Problem]] = []
-        serial = 0
-        async for item in items:
-            converted = convert(item)
-            if isinstance(converted, Result):
-                await send.send(converted)
-                continue
-            chunk.append((serial, converted))
-            serial += 1
-            if len(chunk) >= CHUNK:
-                await run_chunk(chunk)
-                chunk = []
-        if chunk:
-            await run_chunk(chunk)
-        send.close()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(produce, tg)
-        async with receive:
-            async for result in receive:
-                if result is not None:
-                    yield result
+    async with anyio.create_task_group() as tg, receive:
+        tg.start_soon(produce)
+        try:
+            yield receive
+        finally:
+            tg.cancel_scope.cancel()  # after the caller has read what it wanted (or everything)

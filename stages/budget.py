@@ -82,7 +82,7 @@ def share_of(
 ) -> tuple[float, float]:
     """``(share, fair)``: the fair share is ``left_s`` spread over the problems to come in waves of
     ``parallel``; the share keeps it between ``base_s`` and ``ceiling_s`` and never past ``left_s``.
-    Used by the run's ``TimePlanner`` and the Kaggle ``predict()``'s ``TimeBudget``."""
+    Used by ``TimePlanner``, for a run and for the Kaggle ``predict()``."""
     left_s = max(0.0, left_s)
     fair = left_s / math.ceil(max(1, to_come) / max(1, parallel))
     return min(max(min(fair, ceiling_s), min(base_s, left_s)), left_s), fair
@@ -105,6 +105,9 @@ class TimePlanner:
     the problems still to come in waves of ``parallel``, kept between the base and the ceiling; time a
     problem leaves unused is simply still there for the next ``plan()``. The samples follow the share
     against the even split of the whole budget.
+
+    The clock starts at construction, or with ``started_now=False`` at the first ``start()``,
+    ``plan()`` or ``left_s()`` (the Kaggle ``predict()``: its budget counts from the first problem).
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class TimePlanner:
         min_samples: int = 1,
         max_samples: int | None = None,
         clock: Callable[[], float] = now,
+        started_now: bool = True,
     ) -> None:
         self.budget_s = budget_s
         self.expected = expected
@@ -133,9 +137,17 @@ class TimePlanner:
         self.min_samples = min(min_samples, samples)
         self.max_samples = max_samples if max_samples is not None else 2 * samples
         self.clock = clock
-        self.started = clock()
-        self.end = self.started + budget_s if budget_s is not None else None
+        self.started: float | None = None
+        self.end: float | None = None
         self.planned = 0
+        if started_now:
+            self.start()
+
+    def start(self) -> None:
+        """Start the clock, if it has not started."""
+        if self.started is None:
+            self.started = self.clock()
+            self.end = self.started + self.budget_s if self.budget_s is not None else None
 
     @classmethod
     def from_config(cls, cfg: Config) -> TimePlanner | None:
@@ -159,16 +171,19 @@ class TimePlanner:
 
     def spent(self) -> bool:
         """True once the budget (less its margin) is used up: new problems get the fallback at once."""
+        self.start()
         return self.end is not None and self.clock() >= self.end - self.margin_s
 
     def left_s(self) -> float | None:
         """Seconds left before the run's end less the margin (``None`` without a budget)."""
+        self.start()
         if self.end is None:
             return None
         return max(0.0, self.end - self.margin_s - self.clock())
 
     def plan(self) -> TimePlan:
         """The share of the next problem to start."""
+        self.start()
         now = self.clock()
         self.planned += 1
         ceiling = self.ceiling_s if self.ceiling_s is not None else math.inf

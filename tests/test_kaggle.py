@@ -15,7 +15,8 @@ import pandas as pd
 import polars as pl
 import pytest
 
-from pipeline.kaggle import TimeBudget, make_predict, run_aimo1, scalar
+from pipeline.budget import TimePlanner
+from pipeline.kaggle import make_predict, run_aimo1, scalar
 from stages.backends.fake import FakeBackend
 from tests.conftest import small_config
 
@@ -120,17 +121,30 @@ def test_a_budget_smaller_than_the_work_still_answers_every_call_in_time(tmp_pat
 
 def test_time_shares_spread_what_is_left_and_bank_what_was_not_used():
     now = [0.0]
-    b = TimeBudget(100.0, 4, min_share_s=1.0, max_share_s=60.0, reserve_s=4.0, clock=lambda: now[0])
-    assert b.share() == 24.0  # (100 - 4) / 4
-    now[0] = 2.0  # the first problem took 2 s of its 24
-    b.finished_one()
-    assert b.share() == pytest.approx((100 - 2 - 4) / 3)  # the unused 22 s went back to the pool
-    now[0] = 95.0
-    b.finished_one()
-    assert b.share() == 1.0  # behind: never past what is left (100 - 95 - 4)
-    now[0] = 99.0
-    assert b.share() == 0.0
-    assert TimeBudget(None, 50, max_share_s=600.0).share() == 600.0
+
+    def planner(total: float | None, expected: int, **kw: float) -> TimePlanner:
+        """The Kaggle predictor's planner: one problem at a time, the clock from the first call."""
+        return TimePlanner(
+            budget_s=total,
+            expected=expected,
+            parallel=1,
+            samples=1,
+            greedy=True,
+            clock=lambda: now[0],
+            started_now=False,
+            **kw,
+        )
+
+    b = planner(100.0, 4, base_s=1.0, ceiling_s=60.0, margin_s=4.0)
+    now[0] = 7.0  # the budget counts from the first problem, not from construction
+    assert b.plan().share_s == 24.0  # (100 - 4) / 4
+    now[0] = 9.0  # the first problem took 2 s of its 24
+    assert b.plan().share_s == pytest.approx((100 - 2 - 4) / 3)  # the unused 22 s went back to the pool
+    now[0] = 102.0
+    assert b.plan().share_s == 1.0  # behind: never past what is left (100 - 95 - 4)
+    now[0] = 106.0
+    assert b.plan().share_s == 0.0
+    assert planner(None, 50, ceiling_s=600.0).plan().share_s == 600.0
 
 
 def test_values_come_out_of_series_frames_and_plain_values():

@@ -221,9 +221,10 @@ async def _run_on_ray(
     async with anyio.create_task_group() as tg:
         tg.start_soon(writer.run, receive)
         async with send:
-            async for result in stream_on_ray(items, cfg, options):
-                stats.record(result)
-                await send.send(result)
+            async with stream_on_ray(items, cfg, options) as results:
+                async for result in results:
+                    stats.record(result)
+                    await send.send(result)
     summary = stats.summary()
     summary["engine"] = f"ray, {options.replicas} replicas"
     _print_summary(summary)

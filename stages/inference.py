@@ -35,7 +35,7 @@ from stages.backends.base import Backend, Request, SamplingParams, sample_seed
 from stages.budget import TimePlanner
 from stages.clock import now, scope_deadline
 from stages.config import Config
-from stages.items import Encoded, Generation, Outcome, Result
+from stages.items import Encoded, Generation, Outcome
 from stages.prompting import inside_block, style_for
 from stages.sandbox import Sandbox, SandboxError
 
@@ -166,15 +166,12 @@ class Inference:
 
     async def run(
         self,
-        receive: MemoryObjectReceiveStream[Encoded | Result],
-        send: MemoryObjectSendStream[Generation | Result],
+        receive: MemoryObjectReceiveStream[Encoded],
+        send: MemoryObjectSendStream[Generation],
     ) -> None:
         """Submit every sample of every problem; send each ``Generation`` as its sample completes."""
         async with receive, send, anyio.create_task_group() as tg:
             async for item in receive:
-                if isinstance(item, Result):
-                    await send.send(item)
-                    continue
                 serial = item.job.serial
                 if not self.wanted(serial):
                     continue
@@ -260,7 +257,7 @@ class Inference:
         encoded: Encoded,
         index: int,
         scope: anyio.CancelScope,
-        send: MemoryObjectSendStream[Generation | Result],
+        send: MemoryObjectSendStream[Generation],
         samples: int,
     ) -> None:
         """One sample: wait for a request slot (and its tokens), then run its rounds, all inside the

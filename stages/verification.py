@@ -22,7 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from stages.clock import now
 from stages.config import Config
 from stages.extraction import check_answer
-from stages.items import Candidate, Generation, Result
+from stages.items import Candidate, Generation
 from stages.process_pool import WorkerDied, WorkerPool
 
 Checked = tuple[int | None, str | None, str | None]
@@ -110,8 +110,8 @@ class Verification:
         ]
 
     async def _next_batch(
-        self, receive: MemoryObjectReceiveStream[Generation | Result]
-    ) -> list[Generation | Result] | None:
+        self, receive: MemoryObjectReceiveStream[Generation]
+    ) -> list[Generation] | None:
         """Wait for one item, then take this copy's fair share of what is already queued, without
         waiting: at most ``min(verify_batch, ceil((1 + queued) / verify_workers))`` items in all.
         ``None`` once the stream is closed and drained."""
@@ -130,21 +130,19 @@ class Verification:
 
     async def run(
         self,
-        receive: MemoryObjectReceiveStream[Generation | Result],
-        send: MemoryObjectSendStream[Candidate | Result],
+        receive: MemoryObjectReceiveStream[Generation],
+        send: MemoryObjectSendStream[Candidate],
     ) -> None:
         """One copy of the stage; the runner starts ``verify_workers`` copies on cloned streams.
 
-        ``Result``s pass straight through; a generation that carries an error becomes a failed
-        ``Candidate`` with that error as its reason, unchecked.
+        A generation that carries an error becomes a failed ``Candidate`` with that error as its
+        reason, unchecked.
         """
         async with receive, send:
             while (batch := await self._next_batch(receive)) is not None:
                 gens: list[Generation] = []
                 for item in batch:
-                    if isinstance(item, Result):
-                        await send.send(item)
-                    elif item.error is not None:
+                    if item.error is not None:
                         await send.send(
                             Candidate(generation=item, answer=None, extracted=None, reason=item.error)
                         )

@@ -190,20 +190,16 @@ class _Group:
 
 
 async def run(
-    receive: MemoryObjectReceiveStream[Candidate | Result],
+    receive: MemoryObjectReceiveStream[Candidate],
     send: MemoryObjectSendStream[Routed],
     cfg: Config,
     on_decided: Callable[[int], Any] | None = None,
 ) -> None:
     """Gather each problem's candidates; send its ``Result``, routed to its job, when all are in or the
-    vote is decided. A bare ``Result`` (the earlier stages pass them on) names no job and cannot be
-    routed: it is dropped (none comes; a prompt the tokenize stage rejects goes to the router
-    directly)."""
+    vote is decided (a prompt the tokenize stage rejects goes to the router directly)."""
     groups: dict[int, _Group] = {}
     async with receive, send:
         async for item in receive:
-            if not isinstance(item, Candidate):
-                continue
             gen = item.generation
             job = gen.encoded.job
             serial = job.serial

@@ -143,7 +143,7 @@ async def _solve(cfg: Config, backend: Any, problems: list[Any]) -> dict[str, An
     started = time.perf_counter()
     async with Pipeline(cfg, backend=backend) as p:
         results = [r async for r in p.stream(problems)]
-        cells = p.engine.sandbox.stats.cells if p.engine.sandbox is not None else 0
+        cells = p.runner.sandbox.stats.cells if p.runner.sandbox is not None else 0
     elapsed = time.perf_counter() - started
     return {
         "accuracy": round(sum(bool(r.correct) for r in results) / len(results), 3),

@@ -28,7 +28,7 @@ from pipeline.budget import MemoryPlan, plan_memory
 from pipeline.cache import ResultCache
 from pipeline.config import Config
 from pipeline.items import Problem, Result
-from pipeline.runner import Engine, RunStats
+from pipeline.runner import Runner, RunStats
 from stages.backends.base import Backend, BackendError
 from stages.clock import now
 from stages.parse import RecordConverter
@@ -120,7 +120,7 @@ class Pipeline:
         self._backend = backend
         self._own_backend = backend is None
         self._tg: TaskGroup | None = None
-        self._engine: Engine | None = None
+        self._runner: Runner | None = None
         self._feeders: list[anyio.CancelScope] = []
         self._stats: RunStats | None = None
         self.memory_plan: MemoryPlan | None = None
@@ -138,15 +138,15 @@ class Pipeline:
         return self._backend
 
     @property
-    def engine(self) -> Engine:
+    def runner(self) -> Runner:
         """The running stages.
 
         Raises:
             PipelineError: the pipeline has not been entered.
         """
-        if self._engine is None:
+        if self._runner is None:
             raise PipelineError("the pipeline is not running: use `async with Pipeline(cfg) as p`")
-        return self._engine
+        return self._runner
 
     @property
     def stats(self) -> RunStats:
@@ -181,9 +181,9 @@ class Pipeline:
             if isinstance(leaf, Exception):
                 raise PipelineError(f"the model backend failed to start: {leaf}") from e
             raise
-        assert self._engine is not None
-        self._engine.stats.started = now()
-        self._stats = self._engine.stats
+        assert self._runner is not None
+        self._runner.stats.started = now()
+        self._stats = self._runner.stats
         return self
 
     async def _start(self, stack: AsyncExitStack) -> None:
@@ -231,19 +231,19 @@ class Pipeline:
             except BackendError as e:
                 raise PipelineError(str(e)) from e
             stack.callback(recorder.close_file)
-        self._engine = engine = Engine(cfg, backend, cache, verification)
-        stack.callback(self._forget_engine)
+        self._runner = runner = Runner(cfg, backend, cache, verification)
+        stack.callback(self._forget_runner)
         self._tg = await stack.enter_async_context(anyio.create_task_group())
-        await self._tg.start(engine.run)
+        await self._tg.start(runner.run)
 
     def _close_backend(self) -> None:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
 
-    def _forget_engine(self) -> None:
+    def _forget_runner(self) -> None:
         self._tg = None
-        self._engine = None
+        self._runner = None
 
     async def __aexit__(
         self,
@@ -257,8 +257,8 @@ class Pipeline:
             return None
         for scope in self._feeders:
             scope.cancel()
-        if self._engine is not None:
-            self._engine.close()
+        if self._runner is not None:
+            self._runner.close()
         if exc is not None and self._tg is not None:
             self._tg.cancel_scope.cancel()
         await stack.__aexit__(exc_type, exc, tb)
@@ -271,7 +271,7 @@ class Pipeline:
         Raises:
             PipelineError: the pipeline is not running.
         """
-        out = self.engine.metrics()
+        out = self.runner.metrics()
         if self.memory_plan is not None:
             out["memory_plan"] = self.memory_plan.describe()
         return out
@@ -344,7 +344,7 @@ class ResultStream:
             raise PipelineError("a stream can be entered once")
         self._entered = True
         p = self._pipeline
-        engine = p.engine
+        runner = p.runner
         if p._tg is None:
             raise PipelineError("the pipeline has not been entered (use `async with Pipeline(...)`)")
         size = p.config.run.max_in_flight
@@ -356,7 +356,7 @@ class ResultStream:
 
         async def feed() -> None:
             with scope:
-                await engine.feed(problems, route)
+                await runner.feed(problems, route)
 
         p._tg.start_soon(feed)
         return self._results()
@@ -373,8 +373,8 @@ class ResultStream:
         self._scope.cancel()
         p._feeders.remove(self._scope)
         if not route.fed_all or route.outstanding:
-            # The caller stopped early: problems only it waits for are cancelled in the engine.
-            p.engine.abandon(route)
+            # The caller stopped early: problems only it waits for are cancelled in the runner.
+            p.runner.abandon(route)
         while True:  # give back the slots of results already made that nobody will read
             try:
                 _, ticket = receive.receive_nowait()

@@ -6,7 +6,7 @@ per-operator queues: where work piles up shows which stage is behind. By default
 all admitted work, so producers are seldom blocked there and the overall bottleneck shows as time
 waiting for admission slots; with ``run.queue_size`` smaller, ``producer_blocked`` shows it per
 stream. Peak RSS is this process's (not the vLLM engine's or Ray actors' processes), from
-``VmHWM`` (Linux) or ``getrusage``. ``Engine.metrics()`` puts these together with the stages' counters.
+``VmHWM`` (Linux) or ``getrusage``. ``Runner.metrics()`` puts these together with the stages' counters.
 """
 
 from __future__ import annotations

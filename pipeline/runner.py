@@ -1,7 +1,7 @@
 """The graph: stages, the bounded streams between them, admission, de-duplication and routing.
 
 ```
-feeder (one per stream() call)      engine (one per Pipeline, in its task group)
+feeder (one per stream() call)      runner (one per Pipeline, in its task group)
   parse → slot → cache ─miss─► jobs ─► tokenize ─► inference ─► verification ×N ─► vote ─► router
             │      │                      └─prompt rejected──────────────────────────────────►│
             │      └─hit / in flight: follow───────────────────────────────────────────────┐    │
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import sys
-import time
 from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -48,6 +47,7 @@ from pipeline.items import (
 from pipeline.metrics import QueueGauge, memory_report
 from stages import tokenization, vote
 from stages.backends.base import Backend
+from stages.clock import now
 from stages.inference import Inference
 from stages.parse import RecordConverter
 from stages.sandbox import Sandbox
@@ -58,7 +58,7 @@ from stages.verification import Verification
 class RunStats:
     """Counters over the pipeline's life; ``summary()`` is what the CLI prints at the end."""
 
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=now)
     problems: int = 0
     answered: int = 0
     fallbacks: int = 0
@@ -92,7 +92,7 @@ class RunStats:
 
     def summary(self) -> dict[str, Any]:
         """Problems, answered, errors, cache hits, throughput and accuracy (when gold answers were given)."""
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        elapsed = max(now() - self.started, 1e-9)
         out: dict[str, Any] = {
             "problems": self.problems,
             "answered": self.answered,
@@ -128,7 +128,7 @@ class _Waiter:
         return self.ticket.route
 
 
-class Engine:
+class Runner:
     """The long-lived stages of one ``Pipeline``: started once, fed by any number of streams."""
 
     def __init__(
@@ -159,9 +159,9 @@ class Engine:
         cap = cfg.run.queue_size or cfg.run.max_in_flight
         rows = cfg.run.queue_size or cfg.run.max_in_flight * cfg.generation.samples
         self._jobs_send, self._jobs_receive = anyio.create_memory_object_stream[Job](cap)
-        self._encoded = anyio.create_memory_object_stream[Encoded | Result](cap)
-        self._generations = anyio.create_memory_object_stream[Generation | Result](rows)
-        self._candidates = anyio.create_memory_object_stream[Candidate | Result](rows)
+        self._encoded = anyio.create_memory_object_stream[Encoded](cap)
+        self._generations = anyio.create_memory_object_stream[Generation](rows)
+        self._candidates = anyio.create_memory_object_stream[Candidate](rows)
         self._results = anyio.create_memory_object_stream[Routed](cap)
         self.gauge = QueueGauge(
             {
@@ -224,48 +224,15 @@ class Engine:
                 "request_slot": round(inf.queue_wait_s, 3),
                 "verification_busy": round(self.verification.busy_s, 3),
             },
-            "inference": {
-                "requests": inf.requests,
-                "rounds": inf.rounds,
-                "completed": inf.completed,
-                "failed": inf.failed,
-                "aborted": inf.aborted,
-                "never_started": inf.skipped,
-                "peak_in_flight": inf.peak_in_flight,
-                "new_tokens": inf.new_tokens,
-            },
+            "inference": inf.report(),
             "memory": memory_report(),
         }
-        st: Any = getattr(getattr(self.backend, "scheduler", None), "stats", None)
-        if st is not None and st.rows:
-            real = st.prompt_tokens
-            out["batches"] = {
-                "batches": st.batches,
-                "rows": st.rows,
-                "mean_rows": round(st.rows / max(1, st.batches), 2),
-                "prompt_fill": round(real / max(1, real + st.padded_tokens), 3),
-                "model_busy_s": round(st.busy_s, 3),
-                "oom_splits": st.oom_splits,
-            }
+        batches = self.backend.statistics()
+        if batches is not None:
+            out["batches"] = batches
         if self.sandbox is not None:
-            sb = self.sandbox.stats
-            out["sandbox"] = {
-                "cells": sb.cells,
-                "errors": sb.errors,
-                "timeouts": sb.timeouts,
-                "crashes": sb.crashes,
-                "interpreters_started": sb.started,
-                "cell_seconds": round(sb.cell_seconds, 3),
-                "interpreter_wait_s": round(sb.wait_s, 3),
-            }
-            c = self.sandbox.confinement
-            if c is not None:
-                out["sandbox"]["confinement"] = {
-                    "launcher": c.launcher,
-                    "holds": list(c.holds),
-                    **({"missing": c.missing} if c.missing else {}),
-                }
-            out["waits_s"]["sandbox_interpreter"] = round(sb.wait_s, 3)
+            out["sandbox"] = self.sandbox.statistics()
+            out["waits_s"]["sandbox_interpreter"] = out["sandbox"]["interpreter_wait_s"]
         return out
 
     def close(self) -> None:
@@ -305,7 +272,7 @@ class Engine:
                 return
             timeout = self.cfg.run.problem_timeout_s
             if timeout is not None and item.deadline is None and self.planner is None:
-                item = replace(item, deadline=time.perf_counter() + timeout)
+                item = replace(item, deadline=now() + timeout)
             key = cache_key(item.text, self.fingerprint)
             serial = self._by_key.get(key)
             if serial is not None:  # the same problem is already being computed: share it
@@ -400,13 +367,13 @@ class Engine:
 
     def cleanup(self) -> None:
         """``gc.collect()`` and, where torch uses CUDA, ``torch.cuda.empty_cache()``."""
-        started = time.perf_counter()
+        started = now()
         gc.collect()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.stats.cleanups += 1
-        self.stats.cleanup_s += time.perf_counter() - started
+        self.stats.cleanup_s += now() - started
 
     async def _route_results(self, receive: MemoryObjectReceiveStream[Routed]) -> None:
         every = self.cfg.run.cleanup_every

@@ -40,7 +40,7 @@ async def test_a_dying_verification_worker_is_replaced_and_only_its_sample_error
 
     async with Pipeline(small_config(), backend=FakeBackend(responder)) as p:
         results = await run_all(p, problems(12))
-        assert p.engine.verification.worker_failures >= 1
+        assert p.runner.verification.worker_failures >= 1
     assert_one_result_per_id(results, [f"p{i}" for i in range(12)])
     by_id = {r.id: r for r in results}
     assert by_id["p7"].status == "fallback" and "verification worker died" in (by_id["p7"].error or "")

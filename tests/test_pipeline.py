@@ -205,7 +205,7 @@ async def test_concurrent_solves_of_one_text_with_a_persistent_cache(tmp_path):
         assert {pid: r.id for pid, r in got.items()} == {"a": "a", "b": "b", "c": "c"}
         assert all(r.answer == 42 for r in got.values())
         assert sum(len(c) for c in backend.calls) == 1  # one computation, shared
-        assert p.engine.slots.value == 4  # every slot came back
+        assert p.runner.slots.value == 4  # every slot came back
         again = await p.solve({"id": "d", "problem": "What is 20 + 22?"})
         assert again.status == "cached" and again.id == "d"
 
@@ -223,13 +223,13 @@ async def test_a_caller_that_gives_up_cancels_its_requests_in_the_engine():
                 await anyio.sleep(0.001)
             assert backend.steps - steps_at_cancel <= 2  # left the batch within a decode step
             assert backend.scheduler.stats.aborted == 3
-            while p.engine.inference.stats.in_flight:
+            while p.runner.inference.stats.in_flight:
                 await anyio.sleep(0.001)
             # the slots came back and the pipeline still answers
             backend.responder = lambda t, n: "\\boxed{7}"
             r = await p.solve("What is 3 + 4?")
         assert r.answer == 7
-        assert p.engine.slots.value == 4
+        assert p.runner.slots.value == 4
 
 
 async def test_results_leave_in_completion_order():
@@ -263,7 +263,7 @@ async def test_a_problem_deadline_votes_on_what_finished_and_falls_back_when_not
         with anyio.fail_after(20):
             none = await p.solve({"id": "n", "problem": "nothing finishes"}, timeout_s=0.3)
             part = await p.solve({"id": "p", "problem": "partial"}, timeout_s=0.3)
-        assert p.engine.inference.stats.in_flight == 0
+        assert p.runner.inference.stats.in_flight == 0
     assert none.status == "fallback" and none.answer == 0
     assert "time limit reached before any of 3 samples finished" in (none.error or "")
     assert none.finish == {"aborted": 3}
@@ -317,7 +317,7 @@ async def test_a_follower_still_gets_its_answer_when_the_leader_gives_up(monkeyp
             async with anyio.create_task_group() as tg:
                 tg.start_soon(leader)
                 tg.start_soon(follower)
-        assert p.engine.slots.value == 4  # every slot came back
+        assert p.runner.slots.value == 4  # every slot came back
     assert got["B"].id == "B" and got["B"].answer == 3 and got["B"].status != "error"
 
 
@@ -364,9 +364,9 @@ async def test_leaving_a_stream_block_gives_back_its_slots_without_the_garbage_c
                 async with p.stream(problems(50)) as results:
                     async for _ in results:
                         break
-                while p.engine.slots.value < 4:  # a result being routed meanwhile comes back too
+                while p.runner.slots.value < 4:  # a result being routed meanwhile comes back too
                     await anyio.sleep(0.01)
-                assert p.engine.slots.value == 4
+                assert p.runner.slots.value == 4
                 async with p.stream(problems(10, "n")) as results:
                     after = [r async for r in results]
     finally:

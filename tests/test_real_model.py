@@ -279,7 +279,7 @@ async def test_tir_rounds_with_the_real_model_and_the_real_sandbox(real_backend:
     async with Pipeline(cfg, backend=real_backend) as p:
         with anyio.fail_after(300):
             results = {r.id: r async for r in p.stream(items)}
-        assert p.engine.sandbox is not None and p.engine.inference.stats.in_flight == 0
+        assert p.runner.sandbox is not None and p.runner.inference.stats.in_flight == 0
     assert set(results) == {"a", "b"}
     for r in results.values():
         assert r.status in ("ok", "fallback") and sum(r.finish.values()) == 2
@@ -299,7 +299,7 @@ async def test_an_early_stop_cancels_the_requests_running_in_the_real_engine(rea
     async with Pipeline(cfg, backend=EarlyAnswers(real_backend)) as p:
         with anyio.fail_after(60):  # 2 x 1,500 tokens would take minutes on a CPU
             r = await p.solve({"id": "x", "problem": "anything"})
-            while sched.running or p.engine.inference.stats.in_flight:
+            while sched.running or p.runner.inference.stats.in_flight:
                 await anyio.sleep(0.005)
     assert r.answer == 5 and r.early_stop and r.finish == {"answer": 2, "cancelled": 2}
     assert len(sched.stats.abort_latency_s) == aborted_before + 2  # both rows left the running batch

@@ -184,10 +184,10 @@ async def test_early_stop_cancels_the_other_samples_wherever_they_are(tmp_path):
     async with Pipeline(cfg, backend=backend) as p:
         with anyio.fail_after(20):
             r = await p.solve({"id": "p", "problem": "x"})
-            while p.engine.inference.stats.in_flight:
+            while p.runner.inference.stats.in_flight:
                 await anyio.sleep(0.01)
         assert anyio.current_time() - started < 20
-        assert p.engine.sandbox is not None and p.engine.sandbox.stats.cells <= 1
+        assert p.runner.sandbox is not None and p.runner.sandbox.stats.cells <= 1
     assert r.answer == 5 and r.early_stop and r.status == "ok"
     assert r.to_json()["early_stop"] is True
 
@@ -244,9 +244,9 @@ async def test_time_ahead_raises_the_samples_and_an_early_stop_frees_queued_ones
     async with Pipeline(cfg, backend=backend) as p:
         with anyio.fail_after(20):
             out = {r.id: r async for r in p.stream({"id": f"p{i}", "problem": f"q{i}"} for i in (1, 2, 3))}
-            while p.engine.inference.stats.in_flight:
+            while p.runner.inference.stats.in_flight:
                 await anyio.sleep(0.01)
-        skipped = p.engine.inference.stats.skipped
+        skipped = p.runner.inference.stats.skipped
     # p3 started with ~99 s left for 1 problem against an even 33 s: 6 samples instead of 2
     assert out["p3"].answer == 5 and out["p3"].early_stop
     assert out["p3"].finish == {"answer": 2, "cancelled": 4}

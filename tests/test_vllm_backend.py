@@ -107,10 +107,10 @@ async def test_the_pipeline_on_vllm_end_to_end_and_a_caller_that_gives_up(vllm_b
                 await p.solve("Write a very long story about a dragon, then say 5.")
             while vllm_backend.unfinished():
                 await anyio.sleep(0.001)
-            while p.engine.inference.stats.in_flight:
+            while p.runner.inference.stats.in_flight:
                 await anyio.sleep(0.001)
-        assert p.engine.inference.stats.aborted == 2
-        assert p.engine.slots.value == cfg.run.max_in_flight
+        assert p.runner.inference.stats.aborted == 2
+        assert p.runner.slots.value == cfg.run.max_in_flight
     assert sorted(r.id for r in results) == ["a", "b", "c"]
     for r in results:
         assert r.status in ("ok", "fallback") and r.samples == 2
@@ -138,7 +138,7 @@ async def test_an_early_stop_cancels_the_requests_running_in_vllm(vllm_backend):
     async with Pipeline(cfg, backend=EarlyAnswers(vllm_backend)) as p:
         with anyio.fail_after(60):
             r = await p.solve({"id": "x", "problem": "anything"})
-            while vllm_backend.unfinished() or p.engine.inference.stats.in_flight:
+            while vllm_backend.unfinished() or p.runner.inference.stats.in_flight:
                 await anyio.sleep(0.005)
     assert r.answer == 5 and r.early_stop and r.finish == {"answer": 2, "cancelled": 2}
     assert vllm_backend.running == set()

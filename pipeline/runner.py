@@ -139,7 +139,7 @@ class Runner:
         self.cache = cache
         self.fingerprint = cfg.fingerprint(backend.model_id)
         self.sandbox: Sandbox | None = None
-        if cfg.generation.prompt_style == "tir":
+        if cfg.generation.uses_tools:
             size = cfg.sandbox.pool_size or max(2, 2 * cfg.generation.samples)
             self.sandbox = Sandbox(cfg.sandbox, size, max_cells=cfg.generation.max_rounds)
         self.planner = TimePlanner.from_config(cfg)

@@ -26,7 +26,8 @@ from stages.settings import Quantize as Quantize
 from stages.settings import check as _check
 from stages.units import duration
 
-PromptStyle = Literal["cot", "tir"]
+PromptStyle = Literal["cot", "tir", "harmony"]
+ReasoningEffort = Literal["low", "medium", "high"]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a careful competition mathematician. Solve the problem step by step, then give the final "
@@ -41,10 +42,13 @@ class GenerationConfig:
     ``min_p`` times the most likely token's), each sample seeded from ``seed``, the problem and the
     sample's index.
 
-    ``prompt_style``: ``cot`` (reason, then ``\\boxed{}``) or ``tir`` (tool-integrated reasoning: the
+    ``prompt_style``: ``cot`` (reason, then ``\\boxed{}``), ``tir`` (tool-integrated reasoning: the
     model may write fenced Python, which runs in the sandbox; its output is appended and the sample
     goes on, for up to ``max_rounds`` rounds (model requests; code runs between them, so at most
-    ``max_rounds - 1`` cells), all within ``max_new_tokens``). ``system_prompt``
+    ``max_rounds - 1`` cells), all within ``max_new_tokens``) or ``harmony`` (gpt-oss's own format,
+    rendered by the Harmony library, with its ``python`` tool running in the same sandbox; the
+    system message carries ``reasoning_effort`` and the tool's ``tool_description`` (``None``: ours,
+    naming the cell time limit), the developer message ``instructions`` (``None``: ours)). ``system_prompt``
     ``None`` is the style's own. ``stop_at_answer`` ends a sample as soon as it has written a closing
     ``\\boxed{...}`` outside a code block. ``logprobs`` asks the backend for token log-probabilities
     (``vote.confidence`` turns it on).
@@ -62,6 +66,15 @@ class GenerationConfig:
         help="cot: reason then \\boxed{}; tir: the model may write Python, run in the sandbox",
     )
     system_prompt: str | None = None
+    reasoning_effort: ReasoningEffort = setting(  # noqa: RUF009 (a Literal)
+        "high", flag="--reasoning-effort", help="harmony: the system message's reasoning effort"
+    )
+    instructions: str | None = setting(
+        None, flag="--instructions", help="harmony: the developer message (default: solve, \\boxed{} answer)"
+    )
+    tool_description: str | None = setting(
+        None, flag="--tool-description", help="harmony: the python tool's description (default: ours)"
+    )
     max_rounds: int = setting(
         8,
         flag="--max-rounds",
@@ -78,13 +91,28 @@ class GenerationConfig:
         _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
         _check(0 <= self.min_p < 1, "generation.min_p", "must be in [0, 1)")
         _check(self.max_new_tokens >= 1, "generation.max_new_tokens", "must be at least 1")
-        _check(self.prompt_style in ("cot", "tir"), "generation.prompt_style", "must be cot or tir")
+        _check(
+            self.prompt_style in ("cot", "tir", "harmony"),
+            "generation.prompt_style",
+            "must be cot, tir or harmony",
+        )
+        _check(
+            self.reasoning_effort in ("low", "medium", "high"),
+            "generation.reasoning_effort",
+            "must be low, medium or high",
+        )
         _check(self.max_rounds >= 1, "generation.max_rounds", "must be at least 1")
 
     @property
     def greedy(self) -> bool:
         """True when decoding is greedy (one sample)."""
         return self.samples == 1
+
+    @property
+    def uses_tools(self) -> bool:
+        """True when the prompt style runs model-written code (``tir``, ``harmony``): the run needs the
+        sandbox."""
+        return self.prompt_style in ("tir", "harmony")
 
 
 @dataclass(frozen=True)
@@ -442,7 +470,7 @@ class Config:
             "answer": dataclasses.asdict(self.answer),
             "vote": dataclasses.asdict(self.vote),
         }
-        if self.generation.prompt_style == "tir":  # the sandbox's limits change what code can print
+        if self.generation.uses_tools:  # the sandbox's limits change what code can print
             payload["sandbox"] = {
                 k: v for k, v in dataclasses.asdict(self.sandbox).items() if k not in ("pool_size", "require")
             }

@@ -36,7 +36,7 @@ from stages.budget import TimePlanner
 from stages.clock import now, scope_deadline
 from stages.config import Config
 from stages.items import Encoded, Generation, Outcome
-from stages.prompting import inside_block, style_for
+from stages.prompting import style_for
 from stages.sandbox import Sandbox, SandboxError
 
 TIME_LIMIT = "time limit reached"  # a timed-out sample's error text (its outcome is "timed_out")
@@ -153,7 +153,6 @@ class Inference:
             top_p=g.top_p,
             min_p=g.min_p,
             seed=sample_seed(g.seed, encoded.job.key, index, round_),
-            stop=self.style.stop,
             logprobs=g.logprobs or self.cfg.vote.confidence,
             stop_at_answer=g.stop_at_answer,
         )
@@ -197,23 +196,21 @@ class Inference:
                 del self._scopes[serial]
 
     async def _rounds(self, encoded: Encoded, index: int, out: _Outcome) -> None:
-        """Run sample ``index`` round by round into ``out`` (kept whole if cancelled midway)."""
+        """Run sample ``index`` round by round into ``out`` (kept whole if cancelled midway), through the
+        prompt style's dialogue: a round that leaves a code cell runs it in the sample's sandbox
+        session and hands the output back."""
         g = self.cfg.generation
         backend = self.backend
-        style = self.style
-        session = self.sandbox.session() if self.sandbox is not None and style.stop else None
+        dialogue = self.style.dialogue(encoded.prompt_ids, encoded.problem.text, self.cfg, backend)
+        session = self.sandbox.session() if self.sandbox is not None and g.uses_tools else None
         try:
             for round_ in range(g.max_rounds):
-                prompt = encoded.prompt_ids
-                if out.text:  # a few ms for a long sample's text: off the event loop
-                    prompt = prompt + tuple(await anyio.to_thread.run_sync(backend.encode_text, out.text))
+                prompt = await dialogue.prompt()
                 budget = min(g.max_new_tokens - out.new_tokens, backend.max_context - len(prompt))
                 if budget < 1:
                     out.finish = "length"
                     return
-                params = replace(self.params(encoded, index, round_), max_new_tokens=budget)
-                if inside_block(out.text):  # the round starts inside a block: no final answer there
-                    params = replace(params, stop_at_answer=False)
+                params = dialogue.shape(replace(self.params(encoded, index, round_), max_new_tokens=budget))
                 request = Request(
                     id=f"{encoded.job.serial}-{index}-{round_}",
                     prompt_ids=prompt,
@@ -225,27 +222,32 @@ class Inference:
                 out.rounds += 1
                 self.stats.rounds += 1
                 c = await backend.generate(request)
-                out.text += c.text
                 out.new_tokens += c.new_tokens
                 out.finish = c.finish_reason
                 if c.logprobs is not None:
                     out.logprobs = (out.logprobs or []) + list(c.logprobs)
-                if c.finish_reason != "stop" or c.stop_string is None:
+                step = dialogue.take(c)
+                out.text = dialogue.text
+                if step == "done":
                     return
-                code = style.next_cell(out.text)
-                if code is None or session is None:  # a fence that closes no code: write on
-                    out.text += c.stop_string
+                if step == "again":
+                    continue
+                if session is None:  # no sandbox: the code is text like any other
+                    dialogue.unrun()
+                    out.text = dialogue.text
                     continue
                 if round_ == g.max_rounds - 1:  # no round left to read the output
-                    out.text += c.stop_string
+                    dialogue.unrun()
+                    out.text = dialogue.text
                     out.finish = "rounds"
                     return
-                result = await session.run(code)
+                result = await session.run(dialogue.code)
                 out.cells += 1
                 out.clean += result.ok
                 if result.error:
                     out.errors.append(result.error.strip().splitlines()[-1][:200])
-                out.text += style.feedback(c.stop_string, result.for_model(self.cfg.sandbox.output_chars))
+                dialogue.answer(result.for_model(self.cfg.sandbox.output_chars))
+                out.text = dialogue.text
             out.finish = "rounds"
         finally:
             if session is not None:

@@ -1,20 +1,29 @@
 """Prompt styles: how a problem becomes chat messages, and how a sample goes from one round to the next.
 
-A style is a small pluggable part (``PromptStyle``): its system prompt, the stop strings that end a
-round, and ``next_cell(text)``, which says whether a round that stopped there left a code cell to run.
-``cot`` is one round of reasoning ending in ``\\boxed{}``. ``tir`` (tool-integrated reasoning) lets
-the model write fenced Python; a round ends at the block's closing fence, the code runs in the
-sandbox, and its output is appended as a fenced ``output`` block before the next round. A model with a
-native tool-call format gets a style of its own by implementing the same four members.
+A style is a small pluggable part (``PromptStyle``): it turns a problem into prompt ids
+(``prompt_ids``) and gives each sample a ``Dialogue``, which the inference stage drives round by
+round: the next prompt, the request's stops, what a completion means (a code cell to run, another
+round, or the end) and where the tool's output goes. ``cot`` is one round of reasoning ending in
+``\\boxed{}``. ``tir`` (tool-integrated reasoning) lets the model write fenced Python; a round ends at
+the block's closing fence, the code runs in the sandbox, and its output is appended as a fenced
+``output`` block before the next round. ``harmony`` (``stages/harmony.py``) is gpt-oss's own format,
+on token ids, with its ``python`` tool.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from stages.config import DEFAULT_SYSTEM_PROMPT
+import anyio
+
+from stages.backends.base import Completion, SamplingParams
+from stages.config import DEFAULT_SYSTEM_PROMPT, Config
+
+if TYPE_CHECKING:
+    from stages.backends.base import Backend
 
 COT_SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT
 TIR_SYSTEM_PROMPT = (
@@ -28,8 +37,118 @@ _OPEN = re.compile(r"```(?:python|py)[ \t]*\n", re.IGNORECASE)
 _FENCE = re.compile(r"```")
 
 
+Step = Literal["cell", "again", "done"]
+"""What a round's completion leaves: a code ``cell`` to run, ``again`` (another round, nothing to
+run), or ``done`` (the sample has ended)."""
+
+
+class Dialogue(Protocol):
+    """One sample's turns with the model, made by its prompt style and driven by the inference stage.
+
+    ``text`` is what the sample has written that counts (what its answer is read from); after a
+    ``take`` that said ``cell``, ``code`` is the cell's code.
+    """
+
+    text: str
+    code: str
+
+    async def prompt(self) -> tuple[int, ...]:
+        """The next round's prompt ids."""
+        ...
+
+    def shape(self, params: SamplingParams) -> SamplingParams:
+        """The round's request settings: the style's stop strings or stop tokens."""
+        ...
+
+    def take(self, completion: Completion) -> Step:
+        """Read one round's completion."""
+        ...
+
+    def answer(self, output: str) -> None:
+        """The cell ran: its output (as the model will read it) goes into the conversation."""
+        ...
+
+    def unrun(self) -> None:
+        """The cell will not run (no round is left to read its output)."""
+        ...
+
+
 class PromptStyle(Protocol):
-    """What the inference stage asks of a prompt style."""
+    """What the inference and tokenize stages ask of a prompt style."""
+
+    name: str
+    system_prompt: str
+    stop: tuple[str, ...]
+
+    def prompt_ids(self, text: str, cfg: Config, backend: Backend) -> list[int]:
+        """The first round's prompt ids for problem ``text``."""
+        ...
+
+    def dialogue(self, prompt_ids: tuple[int, ...], text: str, cfg: Config, backend: Backend) -> Dialogue:
+        """A fresh dialogue for one sample of the problem ``text`` whose prompt is ``prompt_ids``."""
+        ...
+
+
+def messages_for(text: str, cfg: Config) -> list[dict[str, str]]:
+    """The chat messages for a problem under the configured prompt style (its own system prompt unless
+    ``generation.system_prompt`` is set)."""
+    system = cfg.generation.system_prompt or style_for(cfg.generation.prompt_style).system_prompt
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": text.strip()},
+    ]
+
+
+@dataclass
+class TextDialogue:
+    """The dialogue of a text style (``cot``, ``tir``): the sample's text grows by each completion; a
+    round that stopped at a closing fence of an open code block is a cell; the output is appended by
+    the style's ``feedback``. Each round's prompt is the problem's prompt plus the text so far."""
+
+    style: _TextStyle
+    prompt_ids: tuple[int, ...]
+    backend: Backend
+    text: str = ""
+    code: str = ""
+    _stop: str = ""
+
+    async def prompt(self) -> tuple[int, ...]:
+        """The problem's prompt, then the sample's text (tokenized off the event loop)."""
+        if not self.text:
+            return self.prompt_ids
+        return self.prompt_ids + tuple(await anyio.to_thread.run_sync(self.backend.encode_text, self.text))
+
+    def shape(self, params: SamplingParams) -> SamplingParams:
+        """The style's stop strings; a round that starts inside a block has no final answer there."""
+        params = replace(params, stop=self.style.stop)
+        if inside_block(self.text):
+            params = replace(params, stop_at_answer=False)
+        return params
+
+    def take(self, completion: Completion) -> Step:
+        """Append the completion; a stop at the end of an open code block is a cell."""
+        self.text += completion.text
+        stop = completion.stop_string
+        if completion.finish_reason != "stop" or stop is None:
+            return "done"
+        code = self.style.next_cell(self.text)
+        if code is None:  # a fence that closes no code: write on
+            self.text += stop
+            return "again"
+        self.code, self._stop = code, stop
+        return "cell"
+
+    def answer(self, output: str) -> None:
+        """Close the block, then the output in the style's shape."""
+        self.text += self.style.feedback(self._stop, output)
+
+    def unrun(self) -> None:
+        """Close the block; nothing follows."""
+        self.text += self._stop
+
+
+class _TextStyle:
+    """What the text styles share: prompts through the backend's chat template, a ``TextDialogue``."""
 
     name: str
     system_prompt: str
@@ -38,30 +157,30 @@ class PromptStyle(Protocol):
     def next_cell(self, text: str) -> str | None:
         """The code to run when the round's ``text`` (which stopped at one of ``stop``) ends inside an
         open code block, else ``None``."""
-        ...
+        return None
 
     def feedback(self, stop_string: str, output: str) -> str:
         """The text appended after a cell ran: the stop string the round ended on, then the output."""
-        ...
+        return stop_string
+
+    def prompt_ids(self, text: str, cfg: Config, backend: Backend) -> list[int]:
+        """The chat messages through the backend's chat template."""
+        return backend.encode(messages_for(text, cfg))
+
+    def dialogue(self, prompt_ids: tuple[int, ...], text: str, cfg: Config, backend: Backend) -> Dialogue:
+        """A ``TextDialogue`` over the problem's prompt."""
+        return TextDialogue(self, prompt_ids, backend)
 
 
-class Cot:
-    """One round: reason, then ``\\boxed{answer}``."""
+class Cot(_TextStyle):
+    """One round: reason, then ``\\boxed{answer}``; never a cell."""
 
     name = "cot"
     system_prompt = COT_SYSTEM_PROMPT
     stop: tuple[str, ...] = ()
 
-    def next_cell(self, text: str) -> str | None:
-        """Never a cell."""
-        return None
 
-    def feedback(self, stop_string: str, output: str) -> str:
-        """Unused: chain of thought has no cells."""
-        return stop_string
-
-
-class Tir:
+class Tir(_TextStyle):
     """Tool-integrated reasoning with fenced ```python blocks and ```output blocks."""
 
     name = "tir"
@@ -88,11 +207,15 @@ STYLES: dict[str, PromptStyle] = {"cot": Cot(), "tir": Tir()}
 
 
 def style_for(name: str) -> PromptStyle:
-    """The style called ``name``.
+    """The style called ``name`` (``harmony`` is loaded at its first use).
 
     Raises:
         KeyError: no such style.
     """
+    if name == "harmony" and name not in STYLES:
+        from stages.harmony import HarmonyStyle
+
+        STYLES[name] = HarmonyStyle()
     return STYLES[name]
 
 

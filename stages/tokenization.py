@@ -11,17 +11,8 @@ from stages.backends.base import Backend
 from stages.clock import now
 from stages.config import Config
 from stages.items import Encoded, Job, Result, Routed, error_result
+from stages.prompting import messages_for as messages_for
 from stages.prompting import style_for
-
-
-def messages_for(text: str, cfg: Config) -> list[dict[str, str]]:
-    """The chat messages for a problem under the configured prompt style (its own system prompt unless
-    ``generation.system_prompt`` is set)."""
-    system = cfg.generation.system_prompt or style_for(cfg.generation.prompt_style).system_prompt
-    return [
-        {"role": "system", "content": system},
-        {"role": "user", "content": text.strip()},
-    ]
 
 
 def encode(job: Job, backend: Backend, cfg: Config) -> Encoded | Result:
@@ -29,7 +20,7 @@ def encode(job: Job, backend: Backend, cfg: Config) -> Encoded | Result:
     start = now()
     problem = job.problem
     try:
-        ids = backend.encode(messages_for(problem.text, cfg))
+        ids = style_for(cfg.generation.prompt_style).prompt_ids(problem.text, cfg, backend)
     except Exception as e:  # a tokenizer failure is this problem's, not the run's
         return error_result(
             problem.id,

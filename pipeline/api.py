@@ -63,6 +63,10 @@ def load_backend(cfg: Config) -> Backend:
         from stages.backends.vllm_backend import VllmBackend
 
         return VllmBackend.load(cfg)
+    if m.backend == "openai":
+        from stages.backends.openai_backend import OpenAIBackend
+
+        return OpenAIBackend.load(cfg)
     from stages.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend.load(m.path, device=m.device, dtype=m.dtype, quantize=m.quantize)

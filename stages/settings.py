@@ -18,7 +18,7 @@ from stages.units import size_gib
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-BackendName = Literal["transformers", "vllm", "replay"]
+BackendName = Literal["transformers", "vllm", "replay", "openai"]
 Quantize = Literal["none", "fp16", "bf16", "int8", "int4"]
 
 
@@ -86,7 +86,12 @@ class ModelConfig:
     cannot do is refused when the model loads, naming what would work. ``replay`` is the file of
     recorded completions the ``replay`` backend answers from (``replay_speed``: 0 answers at once, 1
     waits each completion's recorded time, 2 half of it); ``record`` a file every completion the
-    model returns is written to, in that format.
+    model returns is written to, in that format. ``openai`` is a server the user already runs with an
+    OpenAI-compatible completions endpoint at ``base_url`` (``vllm serve``, SGLang, ``trtllm-serve``,
+    llama.cpp's server): ``api_model`` is its model (default: the server's first), ``api_key_env`` the
+    environment variable holding the key (read when the backend loads; ``EMPTY`` when unset),
+    ``api_concurrency`` the most requests open on it at once; ``path`` names the server model's
+    tokenizer folder when the server's model id is not one.
     """
 
     path: str | None = setting(
@@ -106,7 +111,7 @@ class ModelConfig:
         "transformers",
         flag="--backend",
         help="model engine: transformers (default, micro-batching), vllm (continuous batching; extra), "
-        "or replay (recorded completions from --replay)",
+        "replay (recorded completions from --replay), or openai (a server at --base-url)",
     )
     quantize: Quantize = setting(  # noqa: RUF009 (a Literal)
         "none",
@@ -124,6 +129,18 @@ class ModelConfig:
     record: str | None = setting(
         None, flag="--record", help="write every completion the model returns to this JSONL (replayable)"
     )
+    base_url: str | None = setting(
+        None, flag="--base-url", help="openai backend: the server's address, e.g. http://127.0.0.1:8000"
+    )
+    api_model: str | None = setting(
+        None, flag="--api-model", help="openai backend: the server's model name (default: its first)"
+    )
+    api_key_env: str = setting(
+        "OPENAI_API_KEY", flag="--api-key-env", help="openai backend: the variable holding the API key"
+    )
+    api_concurrency: int = setting(
+        64, flag="--api-concurrency", help="openai backend: most requests open on the server at once"
+    )
 
     def __post_init__(self) -> None:
         check(self.device in ("auto", "cpu", "cuda"), "model.device", "must be auto, cpu or cuda")
@@ -134,10 +151,16 @@ class ModelConfig:
         )
         check(self.memory_gb > 0, "model.memory_gb", "must be positive")
         check(
-            self.backend in ("transformers", "vllm", "replay"),
+            self.backend in ("transformers", "vllm", "replay", "openai"),
             "model.backend",
-            "must be transformers, vllm or replay",
+            "must be transformers, vllm, replay or openai",
         )
+        check(
+            self.backend != "openai" or bool(self.base_url),
+            "model.base_url",
+            "the openai backend needs the server's address (--base-url http://127.0.0.1:8000)",
+        )
+        check(self.api_concurrency >= 1, "model.api_concurrency", "must be at least 1")
         check(
             self.backend != "replay" or self.replay is not None,
             "model.replay",

@@ -14,7 +14,9 @@ import functools
 import json
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -26,7 +28,10 @@ from pipeline.config import Config, ConfigError
 from pipeline.presets import PRESETS, resolve
 from pipeline.run_file import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_stream
 from pipeline.sink import OutputError, check_writable
-from stages.parse import InputError, check_source
+from stages.backends.models import DEFAULT_MODEL_NAME, cache_root
+from stages.items import Problem, Result
+from stages.parse import InputError, check_source, read_problems
+from stages.prompting import messages_for
 from stages.settings import Flag, flags_of
 from stages.units import duration as duration
 from stages.units import size_gib as size_gib
@@ -37,6 +42,7 @@ _GROUPS: dict[str, str] = {
     "vllm": "vllm backend (--backend vllm)",
     "batch": "batching (transformers backend)",
     "generation": "generation",
+    "prompt": "prompt (the format a model was trained on)",
     "sandbox": "sandbox (--prompt tir)",
     "vote": "vote",
     "time": "time budget",
@@ -230,6 +236,79 @@ def print_config(cfg: Config, sources: dict[str, str]) -> None:
     print(f"# {memory_derivation(cfg)}")
 
 
+def print_prompt(cfg: Config, source: str) -> None:
+    """After the settings, the prompt of the input's first problem (when ``source`` is a readable
+    file): its chat messages, the prefill, and, when the model's tokenizer is on disk (no conversion,
+    no download), the prompt as the model reads it: the decoded prompt ids."""
+    if source == "-" or not Path(source).is_file():
+        return
+    first = anyio.run(_first_problem, source)
+    if first is None:
+        print("\n# the input has no problem to render a prompt for")
+        return
+    where = f"id {first.id}" + (f", line {first.line}" if first.line is not None else "")
+    print(f"\n# the prompt of the first problem ({where}):")
+    if cfg.generation.prompt_style == "harmony":
+        print(
+            "#   harmony: rendered by the Harmony library from [generation] (the [prompt] section is unused)"
+        )
+        return
+    messages = messages_for(first.text, cfg)
+    for m in messages:
+        _comment(f"[{m['role']}] {m['content']}")
+    prefill = cfg.prompt.prefill or ""
+    if prefill:
+        _comment(f"[assistant, prefilled] {prefill}")
+    try:
+        tokenizer = _tokenizer(cfg)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = [  # as the backend's encode(messages) + encode_text(prefill) make the first round's prompt
+            *tokenizer(text, add_special_tokens=False)["input_ids"],
+            *(tokenizer(prefill, add_special_tokens=False)["input_ids"] if prefill else []),
+        ]
+        decoded = tokenizer.decode(ids)
+    except Exception as e:  # a preview only: say why and go on
+        print(f"# (the prompt text needs the model's tokenizer: {e})")
+        return
+    print(f"# as the model reads it ({len(ids)} tokens, decoded):")
+    _comment(decoded)
+
+
+async def _first_problem(source: str) -> Problem | None:
+    problems = typing.cast(AsyncGenerator[Problem | Result, None], read_problems(source))
+    async with aclosing(problems) as items:
+        async for item in items:
+            if isinstance(item, Problem):
+                return item
+    return None
+
+
+def _comment(text: str) -> None:
+    for line in text.splitlines() or [""]:
+        print(f"#   {line}".rstrip())
+
+
+def _tokenizer(cfg: Config) -> Any:
+    """The model's tokenizer when its files are already on disk (nothing is converted or downloaded).
+
+    Raises:
+        LookupError: there is none to load (the message says why).
+    """
+    if cfg.model.backend == "replay":
+        raise LookupError("the replay backend has none")
+    if cfg.model.path is None:
+        folder = cache_root() / "models" / DEFAULT_MODEL_NAME
+        if not (folder / "tokenizer_config.json").is_file():
+            raise LookupError(f"no tokenizer files in {folder} yet (the first run converts the model)")
+    else:
+        folder = Path(cfg.model.path).expanduser()
+        if not (folder / "tokenizer_config.json").is_file():
+            raise LookupError(f"{folder} is not a folder with tokenizer files")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     parser = build_parser()
@@ -239,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, sources = resolve_args(args)
         if args.print_config:
             print_config(cfg, sources)
+            print_prompt(cfg, args.input)
             return EXIT_OK
         if args.engine == "ray":
             from pipeline.ray_engine import INSTALL_RAY, RayOptions, ray_available

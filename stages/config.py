@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from stages.prompt_config import PromptConfig as PromptConfig
 from stages.settings import BackendName as BackendName
 from stages.settings import BatchConfig, ConfigError, ModelConfig, VllmConfig, setting
 from stages.settings import Device as Device
@@ -49,7 +50,8 @@ class GenerationConfig:
     rendered by the Harmony library, with its ``python`` tool running in the same sandbox; the
     system message carries ``reasoning_effort`` and the tool's ``tool_description`` (``None``: ours,
     naming the cell time limit), the developer message ``instructions`` (``None``: ours)). ``system_prompt``
-    ``None`` is the style's own. ``stop_at_answer`` ends a sample as soon as it has written a closing
+    ``None`` is the style's own (an older name of ``prompt.system``, which wins when both are set).
+    ``stop_at_answer`` ends a sample as soon as it has written a closing
     ``\\boxed{...}`` outside a code block. ``logprobs`` asks the backend for token log-probabilities
     (``vote.confidence`` turns it on).
     """
@@ -370,6 +372,7 @@ _SECTIONS: dict[str, type] = {
     "sandbox": SandboxConfig,
     "vote": VoteConfig,
     "time": TimeConfig,
+    "prompt": PromptConfig,
 }
 
 
@@ -387,6 +390,7 @@ class Config:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     vote: VoteConfig = field(default_factory=VoteConfig)
     time: TimeConfig = field(default_factory=TimeConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
@@ -470,6 +474,8 @@ class Config:
             "answer": dataclasses.asdict(self.answer),
             "vote": dataclasses.asdict(self.vote),
         }
+        if self.prompt != PromptConfig():  # the default prompt keeps the keys of runs before [prompt]
+            payload["prompt"] = self.prompt.cache_key()
         if self.generation.uses_tools:  # the sandbox's limits change what code can print
             payload["sandbox"] = {
                 k: v for k, v in dataclasses.asdict(self.sandbox).items() if k not in ("pool_size", "require")

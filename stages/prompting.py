@@ -90,20 +90,31 @@ class PromptStyle(Protocol):
 
 
 def messages_for(text: str, cfg: Config) -> list[dict[str, str]]:
-    """The chat messages for a problem under the configured prompt style (its own system prompt unless
-    ``generation.system_prompt`` is set)."""
-    system = cfg.generation.system_prompt or style_for(cfg.generation.prompt_style).system_prompt
-    return [
-        {"role": "system", "content": system},
-        {"role": "user", "content": text.strip()},
-    ]
+    """The chat messages for a problem under the configured prompt format (``[prompt]``,
+    ``stages/prompt_config.py``): the system message (by default the prompt style's own, or
+    ``generation.system_prompt``), the few-shot exemplars as earlier user and assistant turns, then the
+    problem through the user template. The prefill is not a message: it starts the sample's text."""
+    p = cfg.prompt
+    system = p.system_message(
+        style_for(cfg.generation.prompt_style).system_prompt, cfg.generation.system_prompt
+    )
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for problem, solution in p.exemplars:
+        messages += [
+            {"role": "user", "content": p.user_message(problem)},
+            {"role": "assistant", "content": solution},
+        ]
+    messages.append({"role": "user", "content": p.user_message(text)})
+    return messages
 
 
 @dataclass
 class TextDialogue:
     """The dialogue of a text style (``cot``, ``tir``): the sample's text grows by each completion; a
     round that stopped at a closing fence of an open code block is a cell; the output is appended by
-    the style's ``feedback``. Each round's prompt is the problem's prompt plus the text so far."""
+    the style's ``feedback``. Each round's prompt is the problem's prompt plus the text so far, which
+    starts with the prefill (``prompt.prefill``), so the first round's prompt is the problem's prompt
+    plus the prefill, and the answer is read from a text that includes it."""
 
     style: _TextStyle
     prompt_ids: tuple[int, ...]
@@ -168,8 +179,8 @@ class _TextStyle:
         return backend.encode(messages_for(text, cfg))
 
     def dialogue(self, prompt_ids: tuple[int, ...], text: str, cfg: Config, backend: Backend) -> Dialogue:
-        """A ``TextDialogue`` over the problem's prompt."""
-        return TextDialogue(self, prompt_ids, backend)
+        """A ``TextDialogue`` over the problem's prompt, its text starting with the prefill."""
+        return TextDialogue(self, prompt_ids, backend, text=cfg.prompt.prefill or "")
 
 
 class Cot(_TextStyle):

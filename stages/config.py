@@ -26,6 +26,7 @@ from stages.settings import DType as DType
 from stages.settings import Quantize as Quantize
 from stages.settings import check as _check
 from stages.units import duration
+from stages.vote_config import VoteConfig as VoteConfig
 
 PromptStyle = Literal["cot", "tir", "harmony"]
 ReasoningEffort = Literal["low", "medium", "high"]
@@ -53,7 +54,8 @@ class GenerationConfig:
     ``None`` is the style's own (an older name of ``prompt.system``, which wins when both are set).
     ``stop_at_answer`` ends a sample as soon as it has written a closing
     ``\\boxed{...}`` outside a code block. ``logprobs`` asks the backend for token log-probabilities
-    (``vote.confidence`` turns it on).
+    (``vote.confidence`` turns it on); ``top_logprobs`` k > 0 for the k highest at each token, from
+    which each token's entropy is taken (the entropy vote rules need it).
     """
 
     samples: int = setting(1, flag="--samples", help="samples per problem; 1 is greedy")
@@ -83,6 +85,9 @@ class GenerationConfig:
         help="tir: model requests per sample, with code run between them: at most N-1 cells",
     )
     logprobs: bool = False
+    top_logprobs: int = setting(
+        0, flag="--top-logprobs", help="ask for the top K log-probabilities per token (entropy vote rules)"
+    )
     stop_at_answer: bool = setting(
         True, flag="--stop-at-answer", help="end a sample once it wrote a closing \\boxed{...} outside code"
     )
@@ -104,6 +109,7 @@ class GenerationConfig:
             "must be low, medium or high",
         )
         _check(self.max_rounds >= 1, "generation.max_rounds", "must be at least 1")
+        _check(0 <= self.top_logprobs <= 20, "generation.top_logprobs", "must be in 0..20")
 
     @property
     def greedy(self) -> bool:
@@ -275,38 +281,6 @@ class SandboxConfig:
 
 
 @dataclass(frozen=True)
-class VoteConfig:
-    """How a problem's samples are combined.
-
-    Each valid answer counts with its sample's weight: ``code_weight`` for a sample that ran code and
-    every cell ran cleanly, 1 for the rest; with ``confidence``, times the sample's confidence,
-    1 / (mean surprisal of its tokens + 0.1), where the mean surprisal (minus the mean log-probability
-    of the tokens it drew) is a sampled estimate of its mean token entropy. The highest total wins;
-    ties go to the answer with more samples, then to the one whose first sample has the lowest index.
-    ``early_stop`` ends a problem once that many samples agree; a problem also ends once the leader
-    cannot be overtaken by the samples still running. Its other samples are cancelled.
-    """
-
-    code_weight: float = setting(
-        2.0, flag="--code-weight", help="vote weight of a sample whose code ran cleanly"
-    )
-    confidence: bool = setting(
-        False,
-        flag="--confidence",
-        help="weigh votes by the sample's confidence (1 / mean token surprisal; default off)",
-    )
-    early_stop: int | None = setting(
-        None,
-        flag="--early-stop",
-        help="end a problem once this many samples agree, or once its leader cannot be overtaken",
-    )
-
-    def __post_init__(self) -> None:
-        _check(self.code_weight > 0, "vote.code_weight", "must be positive")
-        _check(self.early_stop is None or self.early_stop >= 1, "vote.early_stop", "must be at least 1")
-
-
-@dataclass(frozen=True)
 class TimeConfig:
     """The run's time budget (``budget_s``; ``None``: no budget).
 
@@ -316,8 +290,10 @@ class TimeConfig:
     never past the run's end minus ``margin_s``; time a problem does not use goes back to the pool.
     When the share is below the even split the problem gets fewer samples (down to ``min_samples``),
     above it more (up to ``max_samples``; ``None`` is twice ``generation.samples``); greedy runs keep
-    one sample. Once the budget is spent, problems not yet started are answered at once with
-    ``answer.fallback`` (status ``fallback``).
+    one sample. With ``reserve_per_problem_s`` the share is instead what is left after keeping that
+    much for each problem (wave) after this one, between the same bounds: the AIMO 3 winners'
+    clamp(time left - problems left x 300 s, 300 s, 900 s). Once the budget is spent, problems not
+    yet started are answered at once with ``answer.fallback`` (status ``fallback``).
     """
 
     budget_s: float | None = setting(
@@ -339,8 +315,19 @@ class TimeConfig:
     )
     min_samples: int = 1
     max_samples: int | None = None
+    reserve_per_problem_s: float | None = setting(
+        None,
+        flag="--time-reserve",
+        parse=duration,
+        help="share = time left - this x problems after it (AIMO 3: 300s), not an even split",
+    )
 
     def __post_init__(self) -> None:
+        _check(
+            self.reserve_per_problem_s is None or self.reserve_per_problem_s >= 0,
+            "time.reserve_per_problem_s",
+            "must be >= 0",
+        )
         _check(
             self.budget_s is None or 0 < self.budget_s < math.inf,
             "time.budget_s",
@@ -391,6 +378,14 @@ class Config:
     vote: VoteConfig = field(default_factory=VoteConfig)
     time: TimeConfig = field(default_factory=TimeConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            not self.vote.needs_entropy or self.generation.top_logprobs > 0,
+            "vote.rule",
+            f"{self.vote.rule} weighs samples by their top-k entropy: set generation.top_logprobs "
+            "(--top-logprobs K, e.g. 5)",
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:

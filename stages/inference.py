@@ -38,6 +38,7 @@ from stages.config import Config
 from stages.items import Encoded, Generation, Outcome
 from stages.prompting import style_for
 from stages.sandbox import Sandbox, SandboxError
+from stages.selection import token_entropy
 
 TIME_LIMIT = "time limit reached"  # a timed-out sample's error text (its outcome is "timed_out")
 
@@ -108,6 +109,7 @@ class _Outcome:
     cells: int = 0
     clean: int = 0
     logprobs: list[float] | None = None
+    entropies: list[float] | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -154,6 +156,7 @@ class Inference:
             min_p=g.min_p,
             seed=sample_seed(g.seed, encoded.job.key, index, round_),
             logprobs=g.logprobs or self.cfg.vote.confidence,
+            top_logprobs=g.top_logprobs,
             stop_at_answer=g.stop_at_answer,
         )
 
@@ -226,6 +229,8 @@ class Inference:
                 out.finish = c.finish_reason
                 if c.logprobs is not None:
                     out.logprobs = (out.logprobs or []) + list(c.logprobs)
+                if c.top_logprobs is not None:
+                    out.entropies = (out.entropies or []) + [token_entropy(t) for t in c.top_logprobs]
                 step = dialogue.take(c)
                 out.text = dialogue.text
                 if step == "done":
@@ -330,6 +335,7 @@ class Inference:
                 error=error,
                 finish_reason=reason,
                 logprobs=tuple(out.logprobs) if out.logprobs is not None and finished else None,
+                entropies=tuple(out.entropies) if out.entropies is not None and finished else None,
                 of=samples,
                 rounds=out.rounds,
                 cells=out.cells,

@@ -121,6 +121,8 @@ class Generation:
     use), ``cells`` how many code cells it ran and ``clean_cells`` how many of them raised nothing;
     ``cell_errors`` the last line of each failed cell's error. ``outcome`` says how the sample ended,
     as a value the vote and the cache decide on (``error`` is only its text for people).
+    ``entropies``: each generated token's entropy in bits over its top-k log-probabilities, when the
+    requests asked for them (``generation.top_logprobs``).
     """
 
     encoded: Encoded
@@ -138,6 +140,7 @@ class Generation:
     clean_cells: int = 0
     cell_errors: tuple[str, ...] = ()
     outcome: Outcome = "finished"
+    entropies: tuple[float, ...] | None = field(default=None, repr=False)
 
     @property
     def clean_code(self) -> bool:

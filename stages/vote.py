@@ -1,7 +1,8 @@
 """The vote stage: a problem's checked samples become its one ``Result``.
 
-Each valid answer counts with its sample's weight (``VoteConfig``: clean code above plain reasoning,
-optionally times the sample's confidence from its token log-probabilities). The highest total wins;
+Each valid answer gets its score under the vote rule (``VoteConfig.rule``, ``stages/selection.py``:
+clean code above plain reasoning by default, optionally times the sample's confidence; majority; top-k
+entropy weights; the AIMO 3 second place's score). The highest total wins;
 ties go to more samples, then to the answer whose first sample has the lowest index, so the result does
 not depend on the order samples finish in.
 
@@ -15,7 +16,6 @@ are in.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,26 +25,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from stages.config import Config, VoteConfig
 from stages.items import Candidate, Result, Routed
-
-MAX_CONFIDENCE = 10.0  # 1 / (0 + 0.1): the most one sample's confidence can multiply its weight by
-
-
-def confidence(logprobs: Sequence[float]) -> float:
-    """1 / (mean surprisal + 0.1). The mean surprisal of the tokens a sample drew, minus their mean
-    log-probability, is a sampled estimate of its mean token entropy: low when the model was sure."""
-    if not logprobs:
-        return 1.0
-    surprisal = -sum(logprobs) / len(logprobs)
-    return 1.0 / (max(0.0, surprisal) + 0.1)
-
-
-def weight(c: Candidate, cfg: VoteConfig) -> float:
-    """The weight of one sample's answer."""
-    g = c.generation
-    w = cfg.code_weight if g.clean_code else 1.0
-    if cfg.confidence and g.logprobs:
-        w *= confidence(g.logprobs)
-    return w
+from stages.selection import confidence as confidence
+from stages.selection import max_weight, scores
+from stages.selection import weight as weight
 
 
 @dataclass(frozen=True)
@@ -67,16 +50,16 @@ class Tally:
 
 
 def tally(candidates: Sequence[Candidate], cfg: VoteConfig | None = None) -> Tally:
-    """Count the valid answers of ``candidates`` with their weights (all 1 without ``cfg``)."""
-    parts: dict[int, list[tuple[int, float]]] = {}
-    for c in candidates:
-        if c.answer is not None:
-            w = weight(c, cfg) if cfg is not None else 1.0
-            parts.setdefault(c.answer, []).append((c.generation.index, w))
-    # sums in sample order (math.fsum): the same totals whatever order the samples finished in
-    weights = {a: math.fsum(w for _, w in sorted(ws)) for a, ws in parts.items()}
-    counts = {a: len(ws) for a, ws in parts.items()}
-    first = {a: min(i for i, _ in ws) for a, ws in parts.items()}
+    """Count the valid answers of ``candidates`` with their scores under ``cfg``'s rule (``majority``
+    without ``cfg``); sums run in sample order, so totals do not depend on the order samples finished."""
+    valid = [c for c in candidates if c.answer is not None]
+    weights = scores(valid, cfg if cfg is not None else VoteConfig(rule="majority"))
+    counts: dict[int, int] = {}
+    first: dict[int, int] = {}
+    for c in valid:
+        assert c.answer is not None
+        counts[c.answer] = counts.get(c.answer, 0) + 1
+        first[c.answer] = min(first.get(c.answer, c.generation.index), c.generation.index)
     return Tally(weights, counts, first)
 
 
@@ -98,7 +81,9 @@ def decided(candidates: Sequence[Candidate], of: int, cfg: VoteConfig) -> bool:
         return False
     if t.counts[ranked[0]] >= cfg.early_stop:
         return True
-    best_one = max(1.0, cfg.code_weight) * (MAX_CONFIDENCE if cfg.confidence else 1.0)
+    best_one = max_weight(cfg)
+    if best_one is None:  # unbounded weights: only agreement decides early
+        return False
     runner_up = t.weights[ranked[1]] if len(ranked) > 1 else 0.0
     return t.weights[ranked[0]] - runner_up > (of - len(candidates)) * best_one
 

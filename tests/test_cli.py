@@ -277,6 +277,23 @@ _FLAGS_OF_SETTINGS = {
     "expected_problems": ("time", "expected_problems"),
     "time_margin": ("time", "margin_s"),
     "fallback_answer": ("answer", "fallback"),
+    "base_url": ("model", "base_url"),
+    "api_model": ("model", "api_model"),
+    "api_key_env": ("model", "api_key_env"),
+    "api_concurrency": ("model", "api_concurrency"),
+    "reasoning_effort": ("generation", "reasoning_effort"),
+    "instructions": ("generation", "instructions"),
+    "tool_description": ("generation", "tool_description"),
+    "top_logprobs": ("generation", "top_logprobs"),
+    "vote_rule": ("vote", "rule"),
+    "entropy_tokens": ("vote", "entropy_tokens"),
+    "entropy_stat": ("vote", "entropy_stat"),
+    "prompt_format": ("prompt", "format"),
+    "system_prompt": ("prompt", "system"),
+    "user_template": ("prompt", "user_template"),
+    "prefill": ("prompt", "prefill"),
+    "fewshot": ("prompt", "fewshot"),
+    "time_reserve": ("time", "reserve_per_problem_s"),
 }
 
 

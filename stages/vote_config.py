@@ -1,0 +1,74 @@
+"""The ``[vote]`` settings: how a problem's samples are combined (re-exported by ``stages.config``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from stages.settings import check, setting
+
+VoteRule = Literal["code", "majority", "entropy", "aimo3-second"]
+EntropyStat = Literal["mean", "median"]
+VOTE_RULES: tuple[str, ...] = ("code", "majority", "entropy", "aimo3-second")
+ENTROPY_RULES = ("entropy", "aimo3-second")  # the rules that need the top-k log-probabilities
+
+
+@dataclass(frozen=True)
+class VoteConfig:
+    """How a problem's samples are combined (``stages/selection.py`` has the rules).
+
+    ``rule``: ``code`` (default) counts each valid answer with ``code_weight`` for a sample whose code
+    ran and every cell ran cleanly, 1 for the rest; with ``confidence``, times the sample's confidence,
+    1 / (mean surprisal of its tokens + 0.1), where the mean surprisal (minus the mean log-probability
+    of the tokens it drew) is a sampled estimate of its mean token entropy. ``majority`` counts every
+    valid answer once. ``entropy`` (the AIMO 3 winners' weight) counts a sample with
+    1 / max(its entropy, 1e-9), its entropy the ``entropy_stat`` (mean or median) over its last
+    ``entropy_tokens`` tokens (``None``: all) of each token's entropy over its top-k log-probabilities
+    (``generation.top_logprobs`` k, in bits). ``aimo3-second`` (the AIMO 3 second place's score)
+    scores each answer vote share x 3.0 + (1 / the median of its samples' entropies) x 0.1 +
+    consensus x 0.3 (consensus: the answer holds more than half of the valid votes), each sample's
+    entropy the mean over its last ``entropy_tokens`` (256 there).
+    The highest total wins; ties go to the answer with more samples, then to the one whose first
+    sample has the lowest index. ``early_stop`` ends a problem once that many samples agree; a problem
+    also ends once the leader cannot be overtaken by the samples still running (for the rules whose
+    weights have a bound). Its other samples are cancelled.
+    """
+
+    rule: VoteRule = setting(  # noqa: RUF009 (a Literal)
+        "code", flag="--vote-rule", help="how samples are combined: code, majority, entropy, aimo3-second"
+    )
+    code_weight: float = setting(
+        2.0, flag="--code-weight", help="vote weight of a sample whose code ran cleanly"
+    )
+    confidence: bool = setting(
+        False,
+        flag="--confidence",
+        help="rule code: weigh votes by the sample's confidence (1 / mean token surprisal; default off)",
+    )
+    entropy_tokens: int | None = setting(
+        None, flag="--entropy-tokens", help="entropy rules: a sample's entropy over its last N tokens (all)"
+    )
+    entropy_stat: EntropyStat = setting(  # noqa: RUF009 (a Literal)
+        "mean", flag="--entropy-stat", help="entropy rule: a sample's entropy is the mean or median"
+    )
+    early_stop: int | None = setting(
+        None,
+        flag="--early-stop",
+        help="end a problem once this many samples agree, or once its leader cannot be overtaken",
+    )
+
+    def __post_init__(self) -> None:
+        check(self.rule in VOTE_RULES, "vote.rule", f"must be one of {', '.join(VOTE_RULES)}")
+        check(self.code_weight > 0, "vote.code_weight", "must be positive")
+        check(self.early_stop is None or self.early_stop >= 1, "vote.early_stop", "must be at least 1")
+        check(
+            self.entropy_tokens is None or self.entropy_tokens >= 1,
+            "vote.entropy_tokens",
+            "must be at least 1",
+        )
+        check(self.entropy_stat in ("mean", "median"), "vote.entropy_stat", "must be mean or median")
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the rule reads the samples' top-k entropies."""
+        return self.rule in ENTROPY_RULES

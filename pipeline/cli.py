@@ -219,17 +219,25 @@ def resolve_args(args: argparse.Namespace) -> tuple[Config, dict[str, str]]:
     return resolve(getattr(args, "preset", None), getattr(args, "config", None), overrides)
 
 
+def _toml(value: Any) -> str:
+    """One value in TOML (strings and lists as JSON, which TOML reads; tables inline)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
 def print_config(cfg: Config, sources: dict[str, str]) -> None:
     """The resolved settings as TOML, each with where it came from, then the memory derivation."""
     for section, values in cfg.to_dict().items():
         print(f"[{section}]")
         for key, value in values.items():
-            if isinstance(value, str | list | tuple):
-                shown = json.dumps(list(value) if isinstance(value, tuple) else value)
-            elif isinstance(value, bool):
-                shown = "true" if value else "false"
-            else:
-                shown = repr(value)
+            shown = _toml(value)
             line = f"{key} = {shown}" if value is not None else f"# {key} unset"
             print(f"{line:<60} # {sources[f'{section}.{key}']}")
         print()

@@ -133,6 +133,7 @@ class KagglePredictor:
             base_s=min_share_s,
             ceiling_s=max_share_s,
             margin_s=reserve_s,
+            reserve_s=self.config.time.reserve_per_problem_s,
             started_now=False,
         )
         self.results_path = Path(results_path) if results_path is not None else None

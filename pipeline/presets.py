@@ -21,6 +21,37 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "vote": {"early_stop": 4, "code_weight": 2.0},
     },
+    # The recipe that won AIMO 3 (the private leaderboard's top four ran it): gpt-oss in the Harmony
+    # format with its python tool, 8 attempts at temperature 1.0 and min-p 0.02 with the top 5
+    # log-probabilities, stop once 4 agree, a vote weighted by 1 / max(mean token entropy, 1e-9), 16
+    # kernels with a 6 s cell limit, up to 128 tool turns, a per-problem time of clamp(time left -
+    # problems left x 300 s, 300 s, 900 s); with --backend vllm (or a vllm server) the engine settings
+    # below. The first place differs from the public notebook only in its temperature.
+    "aimo3": {
+        "generation": {
+            "prompt_style": "harmony",
+            "reasoning_effort": "high",
+            "samples": 8,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "min_p": 0.02,
+            "top_logprobs": 5,
+            "max_rounds": 128,
+            "max_new_tokens": 60_000,
+            "stop_at_answer": False,
+        },
+        "vote": {"rule": "entropy", "entropy_stat": "mean", "early_stop": 4},
+        "sandbox": {"cell_timeout_s": 6.0, "pool_size": 16},
+        "time": {"base_s": 300.0, "reserve_per_problem_s": 300.0},
+        "run": {"problem_timeout_s": 900.0},
+        "vllm": {
+            "kv_cache_dtype": "fp8",
+            "max_model_len": 65_536,
+            "gpu_memory_utilization": 0.96,
+            "max_num_seqs": 256,
+            "enable_prefix_caching": True,
+        },
+    },
     # one greedy sample, short answers, big batches
     "max-speed": {
         "generation": {"samples": 1, "max_new_tokens": 256},

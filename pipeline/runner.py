@@ -187,12 +187,12 @@ class Runner:
         async with anyio.create_task_group() as outer:
             try:
                 await outer.start(self.backend.serve)
+                if self.sandbox is not None:
+                    await outer.start(self.sandbox.serve)
+                await outer.start(self.gauge.run)
             except BaseException:
                 self._close_streams()  # the stages never started: nothing else will close them
                 raise
-            if self.sandbox is not None:
-                await outer.start(self.sandbox.serve)
-            await outer.start(self.gauge.run)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(
                     tokenization.run, self._jobs_receive, enc_send, self.backend, self.cfg, res_send.clone()

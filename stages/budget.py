@@ -78,13 +78,22 @@ def plan_memory(
 
 
 def share_of(
-    left_s: float, to_come: int, *, base_s: float = 0.0, ceiling_s: float = math.inf, parallel: int = 1
+    left_s: float,
+    to_come: int,
+    *,
+    base_s: float = 0.0,
+    ceiling_s: float = math.inf,
+    parallel: int = 1,
+    reserve_s: float | None = None,
 ) -> tuple[float, float]:
     """``(share, fair)``: the fair share is ``left_s`` spread over the problems to come in waves of
-    ``parallel``; the share keeps it between ``base_s`` and ``ceiling_s`` and never past ``left_s``.
+    ``parallel`` or, with ``reserve_s``, what is left after keeping ``reserve_s`` for each wave after
+    this one (the AIMO 3 winners' rule: clamp(left - problems after this one x 300 s, 300 s, 900 s));
+    the share keeps it between ``base_s`` and ``ceiling_s`` and never past ``left_s``.
     Used by ``TimePlanner``, for a run and for the Kaggle ``predict()``."""
     left_s = max(0.0, left_s)
-    fair = left_s / math.ceil(max(1, to_come) / max(1, parallel))
+    waves = math.ceil(max(1, to_come) / max(1, parallel))
+    fair = left_s / waves if reserve_s is None else max(0.0, left_s - (waves - 1) * reserve_s)
     return min(max(min(fair, ceiling_s), min(base_s, left_s)), left_s), fair
 
 
@@ -123,6 +132,7 @@ class TimePlanner:
         margin_s: float = 1.0,
         min_samples: int = 1,
         max_samples: int | None = None,
+        reserve_s: float | None = None,
         clock: Callable[[], float] = now,
         started_now: bool = True,
     ) -> None:
@@ -136,6 +146,7 @@ class TimePlanner:
         self.margin_s = margin_s
         self.min_samples = min(min_samples, samples)
         self.max_samples = max_samples if max_samples is not None else 2 * samples
+        self.reserve_s = reserve_s
         self.clock = clock
         self.started: float | None = None
         self.end: float | None = None
@@ -167,6 +178,7 @@ class TimePlanner:
             margin_s=t.margin_s,
             min_samples=t.min_samples,
             max_samples=t.max_samples,
+            reserve_s=t.reserve_per_problem_s,
         )
 
     def spent(self) -> bool:
@@ -200,11 +212,12 @@ class TimePlanner:
             base_s=self.base_s,
             ceiling_s=ceiling,
             parallel=self.parallel,
+            reserve_s=self.reserve_s,
         )
         samples = self.samples
         assert self.budget_s is not None
         even = self.budget_s / math.ceil(self.expected / self.parallel)
-        if not self.greedy and even > 0:
+        if not self.greedy and even > 0 and self.reserve_s is None:  # the reserve rule keeps its samples
             wanted = round(self.samples * min(fair, ceiling) / even)
             samples = max(self.min_samples, min(self.max_samples, wanted))
         return TimePlan(now + share, samples, share)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from stages.units import size_gib
@@ -211,7 +211,9 @@ class VllmConfig:
     ``run.max_in_flight x generation.samples``; ``enforce_eager`` true on CPU (loads in about 50 s
     instead of about 190 s), false on GPU. ``cpu_reserved`` is the CPUs vLLM's CPU build keeps for
     serving (``VLLM_CPU_NUM_OF_RESERVED_CPU``): ``None`` reserves none on machines with four CPUs or
-    fewer, where computing on every core was 1.8x faster.
+    fewer, where computing on every core was 1.8x faster. ``engine_args`` (``[vllm.engine_args]``)
+    passes any other ``AsyncEngineArgs`` keyword through as given (e.g. ``speculative_config`` for an
+    EAGLE-3 drafter); it wins over the settings above.
     """
 
     gpu_memory_utilization: float | None = setting(
@@ -240,8 +242,14 @@ class VllmConfig:
         True, flag="--prefix-caching", help="reuse the KV cache of shared prompt prefixes"
     )
     cpu_reserved: int | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check(
+            isinstance(self.engine_args, dict) and all(isinstance(k, str) for k in self.engine_args),
+            "vllm.engine_args",
+            "must be a table of AsyncEngineArgs keywords",
+        )
         u = self.gpu_memory_utilization
         check(u is None or 0 < u <= 1, "vllm.gpu_memory_utilization", "must be in (0, 1]")
         check(self.max_model_len is None or self.max_model_len >= 16, "vllm.max_model_len", "must be >= 16")

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline import budget
-from pipeline.budget import GIB, plan_memory
+from pipeline.budget import GIB, TimePlanner, plan_memory, share_of
 from stages.backends.base import MemoryProfile
 
 
@@ -34,3 +34,30 @@ def test_on_cpu_the_budget_is_capped_by_available_memory(monkeypatch):
 def test_a_tiny_remainder_still_allows_the_floor():
     plan = plan_memory(MemoryProfile(weights_bytes=GIB - 1000, kv_bytes_per_token=10**6), 1.0, device="cuda")
     assert plan is not None and plan.max_batch_tokens == 512
+
+
+def test_the_reserve_rule_keeps_time_for_each_problem_after_this_one():
+    # the AIMO 3 winners: clamp(time left - problems after this one x 300 s, 300 s, 900 s)
+    rule = {"base_s": 300.0, "ceiling_s": 900.0, "reserve_s": 300.0}
+    assert share_of(5 * 3600, 50, **rule)[0] == 900.0  # 18000 - 49 x 300 = 3300: the ceiling
+    assert share_of(49 * 300 + 500, 50, **rule)[0] == 500.0  # behind: what the others leave
+    assert share_of(49 * 300 + 100, 50, **rule)[0] == 300.0  # never below the base while time is left
+    assert share_of(200, 1, **rule)[0] == 200.0  # nor past what is left
+    assert share_of(5 * 3600, 50, base_s=300.0, ceiling_s=900.0)[0] == 360.0  # the even split, for contrast
+    now = [0.0]
+    planner = TimePlanner(
+        budget_s=3600.0,
+        expected=10,
+        parallel=1,
+        samples=8,
+        greedy=False,
+        base_s=300.0,
+        ceiling_s=900.0,
+        margin_s=0.0,
+        reserve_s=300.0,
+        clock=lambda: now[0],
+    )
+    first = planner.plan()
+    assert first.share_s == 900.0 and first.samples == 8  # the rule keeps its samples
+    now[0] = 3000.0
+    assert planner.plan().share_s == 300.0  # 600 left, 8 to come after: the base, within what is left

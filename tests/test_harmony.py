@@ -169,3 +169,40 @@ def test_settings_reach_the_rendered_prompt():
     assert "Reasoning: low" in text and "Be brief." in text and "A calculator." in text
     default = ENC.decode(style.prompt_ids("Find x.", harmony_config(), None))  # type: ignore[arg-type]
     assert "time out after 2 seconds" in default  # the sandbox's cell limit, not Harmony's 120 s
+
+
+async def test_the_aimo3_preset_runs_the_recipe_end_to_end(tmp_path):
+    from pipeline.presets import resolve
+
+    cfg, sources = resolve(preset="aimo3", flags={"sandbox": {"pool_size": 2}, "cache": {"size": 0}})
+    g, v = cfg.generation, cfg.vote
+    assert (g.prompt_style, g.samples, g.temperature, g.min_p, g.top_logprobs, g.max_rounds) == (
+        "harmony",
+        8,
+        1.0,
+        0.02,
+        5,
+        128,
+    )
+    assert (v.rule, v.early_stop, cfg.sandbox.cell_timeout_s, cfg.time.reserve_per_problem_s) == (
+        "entropy",
+        4,
+        6.0,
+        300.0,
+    )
+    assert (cfg.vllm.kv_cache_dtype, cfg.vllm.max_model_len, cfg.vllm.max_num_seqs) == ("fp8", 65_536, 256)
+    assert sources["generation.prompt_style"] == "preset aimo3"
+    sure = [[-0.01, -5.0, -6.0]]
+    records = []
+    for s in range(8):
+        answer = 42 if s % 2 == 0 else 17  # four agree on 42 among the first ones to finish
+        ids = completion(analysis("think"), final(f"\\boxed{{{answer}}}"), end=RETURN)
+        rec = record("p", 0, ids, sample=s)
+        rec["top_logprobs"] = sure * len(ids)
+        rec["seconds"] = 0.0 if answer == 42 else 5.0  # the others are still running when 4 agree
+        records.append(rec)
+    backend = ReplayBackend.load(write(tmp_path / "r.jsonl", records), speed=1.0)
+    with anyio.fail_after(30):
+        out = await solve_all(cfg, backend, [{"id": "p", "problem": "?"}])
+    r = out["p"]
+    assert r.answer == 42 and r.early_stop and r.votes == {42: 4}

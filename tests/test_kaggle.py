@@ -116,7 +116,8 @@ def test_a_budget_smaller_than_the_work_still_answers_every_call_in_time(tmp_pat
     assert took < budget + 2.0  # every call inside the budget (plus the vote's hand-over)
     lines = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert all(x["status"] == "fallback" and "time limit" in x["error"] for x in lines)
-    assert sum(x["share_s"] for x in lines) <= budget  # the shares never promise more than the budget
+    shares = [x["share_s"] for x in lines]
+    assert sum(shares) <= budget + 0.001 * n, shares  # the shares never promise more than the budget
 
 
 def test_time_shares_spread_what_is_left_and_bank_what_was_not_used():

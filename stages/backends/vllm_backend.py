@@ -81,6 +81,7 @@ def engine_settings(cfg: Config, *, device: str, dtype: str, folder: str, max_co
         settings["gpu_memory_utilization"] = util
     elif v.gpu_memory_utilization is not None:
         settings["gpu_memory_utilization"] = v.gpu_memory_utilization
+    settings.update(v.engine_args)  # what the config does not name, as the user wrote it
     return settings
 
 

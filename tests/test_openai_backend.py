@@ -123,7 +123,7 @@ def requests(backend: Backend) -> list[Request]:
     out = []
     for i, text in enumerate(PROMPTS):
         ids = tuple(backend.encode([{"role": "user", "content": text}]))
-        out.append(Request(f"g{i}", ids, SamplingParams(max_new_tokens=32, logprobs=True, top_logprobs=5)))
+        out.append(Request(f"g{i}", ids, SamplingParams(max_new_tokens=24, logprobs=True, top_logprobs=5)))
     return out
 
 
@@ -150,8 +150,8 @@ def expected(server_process: Server) -> dict[str, Any]:
         free = await generate_all(backend, reqs)
         stop_id = free[0].token_ids[3]
         words = free[1].text.split()
-        token = SamplingParams(max_new_tokens=32, stop_token_ids=(stop_id,), top_logprobs=2)
-        string = SamplingParams(max_new_tokens=32, stop=(words[2],))
+        token = SamplingParams(max_new_tokens=24, stop_token_ids=(stop_id,), top_logprobs=2)
+        string = SamplingParams(max_new_tokens=24, stop=(words[2],))
         sampled = SamplingParams(max_new_tokens=16, greedy=False, seed=7, min_p=0.05)  # one, alone
         extra = [
             Request("t", reqs[0].prompt_ids, token),
@@ -268,11 +268,11 @@ async def test_cancelling_a_request_and_an_early_stop_leave_nothing_running_on_t
 
 async def test_the_pipeline_on_the_server_and_bounded_concurrency(server: Server, backend: OpenAIBackend):
     items = [{"id": "a", "problem": "What is 3 + 4?"}, {"id": "b", "problem": "What is 10 times 10?"}]
-    async with Pipeline(openai_config(server.url, generation={"max_new_tokens": 48})) as p:
+    async with Pipeline(openai_config(server.url, generation={"max_new_tokens": 32})) as p:
         with anyio.fail_after(120):
             results = [r async for r in p.stream(items)]
     assert sorted(r.id for r in results) == ["a", "b"]
-    assert all(r.status in ("ok", "fallback") and 0 < r.new_tokens <= 48 for r in results)
+    assert all(r.status in ("ok", "fallback") and 0 < r.new_tokens <= 32 for r in results)
 
     limited = OpenAIBackend(
         backend.tokenizer,

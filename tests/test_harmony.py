@@ -4,18 +4,13 @@ sandbox, and each round's prompt is the rendered, grown conversation."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import anyio
 import openai_harmony as h
 import pytest
 
-from pipeline.api import Pipeline
-from pipeline.items import Result
 from stages import harmony
 from stages.backends.replay import ReplayBackend
-from tests.conftest import small_config
+from tests.conftest import layered_config, solve_all, write_replay
 
 pytestmark = pytest.mark.anyio
 
@@ -58,32 +53,18 @@ def record(pid: str, round_: int, ids: list[int], *, reason: str = "stop", sampl
     return rec
 
 
-def write(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
 def harmony_config(**sections):
-    base = {
+    return layered_config({
         "generation": {"prompt_style": "harmony", "max_rounds": 4, "max_new_tokens": 2000},
         "sandbox": {"cell_timeout_s": 2.0},
-    }
-    for k, v in sections.items():
-        base[k] = {**base.get(k, {}), **v}
-    return small_config(**base)
-
-
-async def solve_all(cfg, backend, items) -> dict[str, Result]:
-    async with Pipeline(cfg, backend=backend) as p:
-        with anyio.fail_after(120):
-            return {r.id: r async for r in p.stream(items)}
+    }, **sections)
 
 
 async def test_a_python_call_runs_in_the_sandbox_and_the_next_round_renders_the_grown_conversation(tmp_path):
     round0 = completion(analysis("I will compute it."), call("a = 6 * 7\nprint(a)"), end=CALL)
     round1 = completion(analysis("The tool says 42."), final("So the answer is \\boxed{42}."), end=RETURN)
     records = [record("p", 0, round0), record("p", 1, round1)]
-    backend = ReplayBackend.load(write(tmp_path / "r.jsonl", records), keep_requests=True)
+    backend = ReplayBackend.load(write_replay(tmp_path / "r.jsonl", records), keep_requests=True)
     out = await solve_all(harmony_config(), backend, [{"id": "p", "problem": "What is 6*7?"}])
     r = out["p"]
     assert r.status == "ok" and r.answer == 42 and r.cells == 1, r
@@ -106,7 +87,7 @@ async def test_a_call_to_an_unknown_tool_gets_an_error_and_the_sample_goes_on(tm
         record("p", 0, completion(call("search('6*7')", to="browser.search"), end=CALL)),
         record("p", 1, completion(final("\\boxed{7}"), end=RETURN)),
     ]
-    backend = ReplayBackend.load(write(tmp_path / "r.jsonl", records), keep_requests=True)
+    backend = ReplayBackend.load(write_replay(tmp_path / "r.jsonl", records), keep_requests=True)
     out = await solve_all(harmony_config(), backend, [{"id": "p", "problem": "?"}])
     assert out["p"].answer == 7 and out["p"].cells == 0
     assert backend.requests is not None
@@ -116,7 +97,7 @@ async def test_a_call_to_an_unknown_tool_gets_an_error_and_the_sample_goes_on(tm
 
 async def test_the_answer_is_the_final_channels_not_the_analysis(tmp_path):
     ids = completion(analysis("Maybe \\boxed{13}? No."), final("The answer is \\boxed{12}."), end=RETURN)
-    backend = ReplayBackend.load(write(tmp_path / "r.jsonl", [record("p", 0, ids)]))
+    backend = ReplayBackend.load(write_replay(tmp_path / "r.jsonl", [record("p", 0, ids)]))
     out = await solve_all(harmony_config(), backend, [{"id": "p", "problem": "?"}])
     assert out["p"].answer == 12
 
@@ -126,7 +107,7 @@ async def test_a_code_error_goes_back_as_the_tools_answer(tmp_path):
         record("p", 0, completion(call("print(1 / 0)"), end=CALL)),
         record("p", 1, completion(final("\\boxed{3}"), end=RETURN)),
     ]
-    backend = ReplayBackend.load(write(tmp_path / "r.jsonl", records), keep_requests=True)
+    backend = ReplayBackend.load(write_replay(tmp_path / "r.jsonl", records), keep_requests=True)
     out = await solve_all(harmony_config(), backend, [{"id": "p", "problem": "?"}])
     assert out["p"].answer == 3 and out["p"].cells == 1
     assert backend.requests is not None
@@ -142,7 +123,7 @@ async def test_malformed_and_truncated_completions_end_their_samples_and_the_vot
         record("p", 0, cut, reason="length", sample=1),
         record("p", 0, good, sample=2),
     ]
-    backend = ReplayBackend.load(write(tmp_path / "r.jsonl", records))
+    backend = ReplayBackend.load(write_replay(tmp_path / "r.jsonl", records))
     cfg = harmony_config(generation={"samples": 3})
     out = await solve_all(cfg, backend, [{"id": "p", "problem": "?"}])
     r = out["p"]
@@ -153,7 +134,7 @@ async def test_malformed_and_truncated_completions_end_their_samples_and_the_vot
 
 async def test_rounds_end_at_max_rounds_with_the_call_unanswered(tmp_path):
     records = [record("p", i, completion(call(f"print({i})"), end=CALL)) for i in range(4)]
-    backend = ReplayBackend.load(write(tmp_path / "r.jsonl", records), keep_requests=True)
+    backend = ReplayBackend.load(write_replay(tmp_path / "r.jsonl", records), keep_requests=True)
     cfg = harmony_config(generation={"max_rounds": 3})
     out = await solve_all(cfg, backend, [{"id": "p", "problem": "?"}])
     r = out["p"]
@@ -201,7 +182,7 @@ async def test_the_aimo3_preset_runs_the_recipe_end_to_end(tmp_path):
         rec["top_logprobs"] = sure * len(ids)
         rec["seconds"] = 0.0 if answer == 42 else 5.0  # the others are still running when 4 agree
         records.append(rec)
-    backend = ReplayBackend.load(write(tmp_path / "r.jsonl", records), speed=1.0)
+    backend = ReplayBackend.load(write_replay(tmp_path / "r.jsonl", records), speed=1.0)
     with anyio.fail_after(30):
         out = await solve_all(cfg, backend, [{"id": "p", "problem": "?"}])
     r = out["p"]

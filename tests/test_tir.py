@@ -3,7 +3,6 @@ code cells, rounds, attacks on the sandbox, the weighted vote and early stop, th
 
 from __future__ import annotations
 
-import json
 import socket
 import uuid
 from pathlib import Path
@@ -12,9 +11,8 @@ import anyio
 import pytest
 
 from pipeline.api import Pipeline
-from pipeline.items import Result
 from stages.backends.replay import ReplayBackend
-from tests.conftest import small_config
+from tests.conftest import layered_config, small_config, solve_all, write_replay
 
 pytestmark = pytest.mark.anyio
 
@@ -25,25 +23,11 @@ def cell(code: str, before: str = "Let me compute.\n") -> str:
     return f"{before}{FENCE}python\n{code}\n{FENCE}\nand the rest is never read"
 
 
-def write_replay(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
 def tir_config(**sections):
-    base = {
+    return layered_config({
         "generation": {"prompt_style": "tir", "max_rounds": 4, "max_new_tokens": 200},
         "sandbox": {"cell_timeout_s": 2.0},
-    }
-    for k, v in sections.items():
-        base[k] = {**base.get(k, {}), **v}
-    return small_config(**base)
-
-
-async def solve_all(cfg, backend, items) -> dict[str, Result]:
-    async with Pipeline(cfg, backend=backend) as p:
-        with anyio.fail_after(120):
-            return {r.id: r async for r in p.stream(items)}
+    }, **sections)
 
 
 def prompt_text(request) -> str:

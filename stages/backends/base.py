@@ -207,6 +207,24 @@ class Backend(Protocol):
         ...
 
 
+class ChatTokenizer:
+    """``encode`` and ``encode_text`` through a Hugging Face tokenizer (``self.tokenizer``), for the
+    backends that hold one (transformers, vLLM in process, a server's model's tokenizer)."""
+
+    tokenizer: Any
+
+    def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Apply the chat template (with the generation prompt) and tokenize."""
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Tokenize plain text without special tokens."""
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+
 class BackendBase:
     """Neutral defaults for the members of ``Backend`` that not every backend needs; a backend
     inherits them (as Ray Data's operators inherit optional hooks) instead of the pipeline probing

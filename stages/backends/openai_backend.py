@@ -30,7 +30,6 @@ import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from anyio.abc import TaskStatus
 from stages.backends.base import (
     BackendBase,
     BackendError,
+    ChatTokenizer,
     Completion,
     FinishReason,
     Request,
@@ -148,7 +148,7 @@ def _check_tokenizer(root: str, api_key: str, name: str, tokenizer: Any, source:
         )
 
 
-class OpenAIBackend(BackendBase):
+class OpenAIBackend(ChatTokenizer, BackendBase):
     """A model served elsewhere, behind the backend protocol. Build it with ``OpenAIBackend.load``.
 
     ``open`` is the streams open now; ``counts`` the requests sent, retried, failed, and closed early at
@@ -231,17 +231,6 @@ class OpenAIBackend(BackendBase):
             max_context=context,
             concurrency=m.api_concurrency,
         )
-
-    def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Apply the chat template (with the generation prompt) and tokenize."""
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids
-
-    def encode_text(self, text: str) -> list[int]:
-        """Tokenize plain text without special tokens."""
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids
 
     def new_client(self) -> Any:
         """An async client for the server (its connections belong to the event loop that uses it)."""

@@ -28,6 +28,7 @@ from stages.backends.base import (
     DTYPE_BYTES,
     BackendBase,
     BackendError,
+    ChatTokenizer,
     Completion,
     MemoryProfile,
     Request,
@@ -244,7 +245,7 @@ class _EndRows:
         return None
 
 
-class TransformersBackend(BackendBase):
+class TransformersBackend(ChatTokenizer, BackendBase):
     """A causal LM from a local folder. Build it with ``TransformersBackend.load``."""
 
     def __init__(self, model: Any, tokenizer: Any, *, device: str, dtype: str, model_id: str) -> None:
@@ -312,17 +313,6 @@ class TransformersBackend(BackendBase):
     def folder(self) -> Path:
         """Where the weights were loaded from."""
         return Path(self.model.name_or_path)
-
-    def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Apply the chat template (with the generation prompt) and tokenize."""
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids
-
-    def encode_text(self, text: str) -> list[int]:
-        """Tokenize plain text without special tokens."""
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids
 
     def configure(self, *, max_batch_size: int, max_wait_s: float, max_batch_tokens: int | None) -> None:
         """Set the micro-batcher's limits (before ``serve``)."""

@@ -19,7 +19,6 @@ import importlib.util
 import itertools
 import math
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -29,6 +28,7 @@ from stages.backends.base import (
     DTYPE_BYTES,
     BackendBase,
     BackendError,
+    ChatTokenizer,
     Completion,
     FinishReason,
     MemoryProfile,
@@ -106,7 +106,7 @@ def cpu_environment(
     return {"VLLM_CPU_KVCACHE_SPACE": str(space), "VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved)}
 
 
-class VllmBackend(BackendBase):
+class VllmBackend(ChatTokenizer, BackendBase):
     """vLLM's ``AsyncLLM`` behind the backend protocol. Build it with ``VllmBackend.load``."""
 
     def __init__(
@@ -186,17 +186,6 @@ class VllmBackend(BackendBase):
         )
         backend.settings = settings
         return backend
-
-    def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Apply the chat template (with the generation prompt) and tokenize."""
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids
-
-    def encode_text(self, text: str) -> list[int]:
-        """Tokenize plain text without special tokens."""
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Watch the engine until cancelled.

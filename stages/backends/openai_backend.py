@@ -337,8 +337,11 @@ class OpenAIBackend(ChatTokenizer, BackendBase):
 
     async def _stream_on(self, client: Any, request: Request) -> Completion:
         p = request.params
-        stream = await client.completions.create(**self._body(request))
+        body = self._body(request)
+        limit: int = body["max_tokens"]
+        stream = await client.completions.create(**body)
         self.open += 1
+        chunks = 0  # chunks that carried output: at least a token each
         text = ""
         ids: list[int] = []
         logprobs: list[float] = []
@@ -354,6 +357,11 @@ class OpenAIBackend(ChatTokenizer, BackendBase):
                 text += delta
                 ids.extend(getattr(choice, "token_ids", None) or ())
                 _read_logprobs(choice.logprobs, logprobs, top)
+                chunks += bool(delta or getattr(choice, "token_ids", None))
+                if len(ids) > limit or (not ids and chunks > limit):  # a server that overruns max_tokens
+                    del ids[limit:], logprobs[limit:], top[limit:]
+                    finish = "length"
+                    break
                 if choice.finish_reason is not None:
                     finish = choice.finish_reason
                     stop_reason = getattr(choice, "stop_reason", None)
@@ -374,6 +382,7 @@ class OpenAIBackend(ChatTokenizer, BackendBase):
             ids = self.encode_text(text)
             if isinstance(stop_reason, int) and stop_reason in p.stop_token_ids:
                 ids.append(stop_reason)
+            del ids[limit:]
         cut, how, found = finish_text(text, p.stop, p.stop_at_answer)
         if how is not None:
             return self._completion(cut, ids, how, found, None, logprobs, top, p)
@@ -402,6 +411,10 @@ class OpenAIBackend(ChatTokenizer, BackendBase):
         top: list[tuple[float, ...]],
         p: SamplingParams,
     ) -> Completion:
+        n = p.max_new_tokens
+        if len(ids) > n:  # a server that ignored max_tokens: nothing past the limit goes on
+            ids, logprobs, top = ids[:n], logprobs[:n], top[:n]
+            reason, stop_string, stop_token = "length", None, None
         return Completion(
             tuple(ids),
             text,

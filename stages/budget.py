@@ -93,7 +93,9 @@ def share_of(
     Used by ``TimePlanner``, for a run and for the Kaggle ``predict()``."""
     left_s = max(0.0, left_s)
     waves = math.ceil(max(1, to_come) / max(1, parallel))
-    fair = left_s / waves if reserve_s is None else max(0.0, left_s - (waves - 1) * reserve_s)
+    fair = left_s / waves
+    if reserve_s is not None:  # never below the even split: a reserve too big for the budget is one
+        fair = max(fair, left_s - (waves - 1) * reserve_s)
     return min(max(min(fair, ceiling_s), min(base_s, left_s)), left_s), fair
 
 

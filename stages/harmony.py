@@ -120,6 +120,15 @@ def text_of(message: Any) -> str:
     return "".join(getattr(c, "text", "") for c in message.content)
 
 
+def _plain_text(enc: Any, ids: tuple[int, ...]) -> str:
+    """The ordinary tokens of ``ids`` as text, for the record ("" when the ids are not the encoding's:
+    a broken server can send ids out of its range)."""
+    try:
+        return str(enc.decode([t for t in ids if 0 <= t < 2**32 and not enc.is_special_token(t)]))
+    except Exception:
+        return ""
+
+
 @dataclass
 class HarmonyDialogue:
     """One sample's Harmony conversation, grown round by round.
@@ -176,7 +185,7 @@ class HarmonyDialogue:
             parsed = enc.parse_messages_from_completion_tokens(list(ids), h.Role.ASSISTANT, strict=False)
         except Exception as e:  # not Harmony at all: the text as written, the error named
             self.error = f"malformed Harmony completion: {e}"
-            self.written.append(enc.decode([t for t in ids if not enc.is_special_token(t)]))
+            self.written.append(_plain_text(enc, ids))
             return "done"
         self.messages.extend(parsed)
         for m in parsed:

@@ -230,7 +230,8 @@ class Inference:
                 if c.logprobs is not None:
                     out.logprobs = (out.logprobs or []) + list(c.logprobs)
                 if c.top_logprobs is not None:
-                    out.entropies = (out.entropies or []) + [token_entropy(t) for t in c.top_logprobs]
+                    rows = [h for t in c.top_logprobs if (h := token_entropy(t)) is not None]
+                    out.entropies = (out.entropies or []) + rows  # an empty or broken row: no figure
                 step = dialogue.take(c)
                 out.text = dialogue.text
                 if step == "done":

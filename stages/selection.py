@@ -22,15 +22,20 @@ MAX_CONFIDENCE = 10.0  # 1 / (0 + 0.1): the most one sample's confidence can mul
 ENTROPY_FLOOR = 1e-9
 
 
-def token_entropy(top: Sequence[float]) -> float:
-    """One token's entropy in bits over its top-k log-probabilities (natural log)."""
-    return -math.fsum(math.exp(lp) * lp for lp in top) / math.log(2)
+def token_entropy(top: Sequence[float]) -> float | None:
+    """One token's entropy in bits over its top-k log-probabilities (natural log); ``None`` for a row
+    with no finite value. A log-probability of ``-inf`` adds nothing, one above 0 (a broken server)
+    counts as 0, so the entropy is never negative or NaN."""
+    finite = [min(lp, 0.0) for lp in top if math.isfinite(lp)]
+    if not finite:
+        return None
+    return max(0.0, -math.fsum(math.exp(lp) * lp for lp in finite) / math.log(2))
 
 
 def sample_entropy(entropies: Sequence[float], last: int | None = None, stat: str = "mean") -> float | None:
     """A sample's entropy: the mean (or median) of its tokens' entropies, over its last ``last``
     tokens (``None``: all); ``None`` when it has none."""
-    tail = list(entropies[-last:] if last else entropies)
+    tail = [h for h in (entropies[-last:] if last else entropies) if math.isfinite(h)]
     if not tail:
         return None
     return statistics.median(tail) if stat == "median" else math.fsum(tail) / len(tail)
@@ -39,9 +44,10 @@ def sample_entropy(entropies: Sequence[float], last: int | None = None, stat: st
 def confidence(logprobs: Sequence[float]) -> float:
     """1 / (mean surprisal + 0.1). The mean surprisal of the tokens a sample drew, minus their mean
     log-probability, is a sampled estimate of its mean token entropy: low when the model was sure."""
-    if not logprobs:
+    finite = [lp for lp in logprobs if math.isfinite(lp)]
+    if not finite:
         return 1.0
-    surprisal = -sum(logprobs) / len(logprobs)
+    surprisal = -sum(finite) / len(finite)
     return 1.0 / (max(0.0, surprisal) + 0.1)
 
 

@@ -79,7 +79,7 @@ def decided(candidates: Sequence[Candidate], of: int, cfg: VoteConfig) -> bool:
     ranked = t.ranked()
     if not ranked:
         return False
-    if t.counts[ranked[0]] >= cfg.early_stop:
+    if max(t.counts.values()) >= cfg.early_stop:  # K agree (the recipe's rule), whoever leads by weight
         return True
     best_one = max_weight(cfg)
     if best_one is None:  # unbounded weights: only agreement decides early

@@ -411,10 +411,6 @@ class OpenAIBackend(ChatTokenizer, BackendBase):
         top: list[tuple[float, ...]],
         p: SamplingParams,
     ) -> Completion:
-        n = p.max_new_tokens
-        if len(ids) > n:  # a server that ignored max_tokens: nothing past the limit goes on
-            ids, logprobs, top = ids[:n], logprobs[:n], top[:n]
-            reason, stop_string, stop_token = "length", None, None
         return Completion(
             tuple(ids),
             text,

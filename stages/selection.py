@@ -7,6 +7,18 @@ as a whole. ``stages/vote.py`` ranks answers by these scores.
 
 Token entropy here is over the top-k log-probabilities the backend returned (``top_logprobs`` k), in
 bits, as the AIMO 3 recipe computes it: ``-sum(p * log2 p)`` over the k, not renormalised.
+
+DeepConf (arXiv 2508.15260, "offline" weighted majority voting): a token's confidence is minus the mean
+of its top-k log-probabilities (``token_confidence``); a group's the mean over a sliding window of
+``vote.deepconf_window`` tokens (2048; a sample shorter than the window is one group); a sample's
+``lowest`` the least group confidence, ``bottom10`` the mean of its lowest 10% groups (at least one),
+``tail`` the mean over its last window of tokens (``deepconf_stats``). The rules ``deepconf-lowest``,
+``deepconf-bottom10`` and ``deepconf-tail`` keep a problem's most confident samples (top-eta: those at or
+above the ``(1 - vote.deepconf_keep)`` percentile of the problem's confidences, linear interpolation
+as numpy's, so 0.9 drops about the least confident tenth and 0.1 keeps about the top tenth), then sum
+each kept sample's confidence per answer. The token confidences come from ``generation.confidences``
+when the generation carries them (a replayed record's, see ``pipeline/report.py``); a problem none of
+whose samples has any is voted by majority.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from stages.vote_config import VoteConfig
 
 MAX_CONFIDENCE = 10.0  # 1 / (0 + 0.1): the most one sample's confidence can multiply its weight by
 ENTROPY_FLOOR = 1e-9
+Rule = Callable[[Sequence[Candidate], VoteConfig], dict[int, float]]
 
 
 def token_entropy(top: Sequence[float]) -> float | None:
@@ -49,6 +62,83 @@ def confidence(logprobs: Sequence[float]) -> float:
         return 1.0
     surprisal = -sum(finite) / len(finite)
     return 1.0 / (max(0.0, surprisal) + 0.1)
+
+
+def token_confidence(top: Sequence[float]) -> float | None:
+    """DeepConf's token confidence: minus the mean of the token's finite top-k log-probabilities (each
+    at most 0); ``None`` for a row with no finite value."""
+    finite = [min(lp, 0.0) for lp in top if math.isfinite(lp)]
+    return -math.fsum(finite) / len(finite) if finite else None
+
+
+def group_confidences(confidences: Sequence[float], window: int) -> list[float]:
+    """The mean confidence of each ``window``-token sliding window (one group when shorter)."""
+    c = [x for x in confidences if math.isfinite(x)]
+    if not c:
+        return []
+    if len(c) <= window:
+        return [math.fsum(c) / len(c)]
+    out, run = [], math.fsum(c[:window])
+    out.append(run / window)
+    for i in range(window, len(c)):
+        run += c[i] - c[i - window]
+        out.append(run / window)
+    return out
+
+
+DEEPCONF_STATS = ("mean", "lowest", "bottom10", "tail")
+
+
+def deepconf_stats(confidences: Sequence[float], window: int = 2048) -> dict[str, float] | None:
+    """A sample's confidence figures (``DEEPCONF_STATS``) from its token confidences; ``None`` without any."""
+    groups = group_confidences(confidences, window)
+    if not groups:
+        return None
+    c = [x for x in confidences if math.isfinite(x)]
+    low = sorted(groups)[: max(1, len(groups) // 10)]
+    tail = c[-window:]
+    return {
+        "mean": math.fsum(c) / len(c),
+        "lowest": low[0],
+        "bottom10": math.fsum(low) / len(low),
+        "tail": math.fsum(tail) / len(tail),
+    }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values`` by linear interpolation (numpy's default)."""
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def confidences_of(c: Candidate) -> Sequence[float] | None:
+    """The sample's per-token DeepConf confidences, when its generation carries them."""
+    found: Sequence[float] | None = getattr(c.generation, "confidences", None)
+    return found
+
+
+def _deepconf(stat: str) -> Rule:
+    def rule(candidates: Sequence[Candidate], cfg: VoteConfig) -> dict[int, float]:
+        scored: list[tuple[Candidate, float]] = []
+        for c in candidates:
+            conf = confidences_of(c)
+            figures = deepconf_stats(conf, cfg.deepconf_window) if conf else None
+            if c.answer is not None and figures is not None:
+                scored.append((c, figures[stat]))
+        if not scored:
+            return _summed(candidates, VoteConfig(rule="majority"))
+        threshold = percentile([w for _, w in scored], (1.0 - cfg.deepconf_keep) * 100.0)
+        kept = [(c, w) for c, w in scored if w >= threshold]
+        totals: dict[int, list[float]] = {}
+        for c, w in sorted(kept, key=lambda cw: cw[0].generation.index):
+            assert c.answer is not None
+            totals.setdefault(c.answer, []).append(w)
+        return {a: math.fsum(ws) for a, ws in totals.items()}
+
+    return rule
 
 
 def _entropy_of(c: Candidate, cfg: VoteConfig, stat: str) -> float | None:
@@ -103,12 +193,14 @@ def _aimo3_second(candidates: Sequence[Candidate], cfg: VoteConfig) -> dict[int,
     return scores
 
 
-Rule = Callable[[Sequence[Candidate], VoteConfig], dict[int, float]]
 RULES: dict[str, Rule] = {
     "code": _summed,
     "majority": _summed,
     "entropy": _summed,
     "aimo3-second": _aimo3_second,
+    "deepconf-lowest": _deepconf("lowest"),
+    "deepconf-bottom10": _deepconf("bottom10"),
+    "deepconf-tail": _deepconf("tail"),
 }
 
 

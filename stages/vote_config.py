@@ -7,10 +7,13 @@ from typing import Literal
 
 from stages.settings import check, setting
 
-VoteRule = Literal["code", "majority", "entropy", "aimo3-second"]
+VoteRule = Literal[
+    "code", "majority", "entropy", "aimo3-second", "deepconf-lowest", "deepconf-bottom10", "deepconf-tail"
+]
 EntropyStat = Literal["mean", "median"]
-VOTE_RULES: tuple[str, ...] = ("code", "majority", "entropy", "aimo3-second")
-ENTROPY_RULES = ("entropy", "aimo3-second")  # the rules that need the top-k log-probabilities
+DEEPCONF_RULES = ("deepconf-lowest", "deepconf-bottom10", "deepconf-tail")
+VOTE_RULES: tuple[str, ...] = ("code", "majority", "entropy", "aimo3-second", *DEEPCONF_RULES)
+ENTROPY_RULES = ("entropy", "aimo3-second", *DEEPCONF_RULES)  # the rules that need the top-k log-probs
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,10 @@ class VoteConfig:
     scores each answer vote share x 3.0 + (1 / the median of its samples' entropies) x 0.1 +
     consensus x 0.3 (consensus: the answer holds more than half of the valid votes), each sample's
     entropy the mean over its last ``entropy_tokens`` (256 there).
+    ``deepconf-lowest``, ``deepconf-bottom10``, ``deepconf-tail`` (DeepConf's offline weighted vote)
+    keep the ``deepconf_keep`` share of a problem's samples that are most confident (lowest group,
+    bottom-10% groups or tail confidence over ``deepconf_window``-token windows, a token's confidence
+    minus the mean of its top-k log-probabilities) and sum each kept sample's confidence per answer.
     The highest total wins; ties go to the answer with more samples, then to the one whose first
     sample has the lowest index. ``early_stop`` ends a problem once that many samples agree; a problem
     also ends once the leader cannot be overtaken by the samples still running (for the rules whose
@@ -35,7 +42,10 @@ class VoteConfig:
     """
 
     rule: VoteRule = setting(  # noqa: RUF009 (a Literal)
-        "code", flag="--vote-rule", help="how samples are combined: code, majority, entropy, aimo3-second"
+        "code",
+        flag="--vote-rule",
+        help="how samples are combined: code, majority, entropy, aimo3-second, deepconf-lowest, "
+        "deepconf-bottom10, deepconf-tail",
     )
     code_weight: float = setting(
         2.0, flag="--code-weight", help="vote weight of a sample whose code ran cleanly"
@@ -50,6 +60,14 @@ class VoteConfig:
     )
     entropy_stat: EntropyStat = setting(  # noqa: RUF009 (a Literal)
         "mean", flag="--entropy-stat", help="entropy rule: a sample's entropy is the mean or median"
+    )
+    deepconf_keep: float = setting(
+        0.9,
+        flag="--deepconf-keep",
+        help="deepconf rules: the share of most confident samples kept (0.1 or 0.9)",
+    )
+    deepconf_window: int = setting(
+        2048, flag="--deepconf-window", help="deepconf rules: tokens per sliding confidence window"
     )
     early_stop: int | None = setting(
         None,
@@ -66,6 +84,8 @@ class VoteConfig:
             "vote.entropy_tokens",
             "must be at least 1",
         )
+        check(0 < self.deepconf_keep <= 1, "vote.deepconf_keep", "must be in (0, 1]")
+        check(self.deepconf_window >= 1, "vote.deepconf_window", "must be at least 1")
         check(self.entropy_stat in ("mean", "median"), "vote.entropy_stat", "must be mean or median")
 
     @property

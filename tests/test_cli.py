@@ -288,6 +288,8 @@ _FLAGS_OF_SETTINGS = {
     "vote_rule": ("vote", "rule"),
     "entropy_tokens": ("vote", "entropy_tokens"),
     "entropy_stat": ("vote", "entropy_stat"),
+    "deepconf_keep": ("vote", "deepconf_keep"),
+    "deepconf_window": ("vote", "deepconf_window"),
     "prompt_format": ("prompt", "format"),
     "system_prompt": ("prompt", "system"),
     "user_template": ("prompt", "user_template"),

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved settings and where each came from (default, preset, file, flag); exit",
     )
     add_config_flags(s)
+    sub.add_parser(  # parsed by pipeline.report (main dispatches to it before this parser runs)
+        "report", help="a run's report: accuracy, pass@k, majority@k, rules re-scored (report --help)"
+    )
     g = s.add_argument_group("output")
     g.add_argument("--log-json", action="store_true", help="machine-readable JSON logs on stderr")
     g.add_argument("--log-level", default="info", help="debug, info, warning or error")
@@ -319,6 +322,11 @@ def _tokenizer(cfg: Config) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        from pipeline.report import main as report_main
+
+        return report_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logsetup.configure(json=args.log_json, level=args.log_level)

@@ -23,6 +23,7 @@ whose samples has any is voted by majority.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -90,7 +91,13 @@ DEEPCONF_STATS = ("mean", "lowest", "bottom10", "tail")
 
 
 def deepconf_stats(confidences: Sequence[float], window: int = 2048) -> dict[str, float] | None:
-    """A sample's confidence figures (``DEEPCONF_STATS``) from its token confidences; ``None`` without any."""
+    """A sample's confidence figures (``DEEPCONF_STATS``) from its token confidences; ``None`` without any
+    (memoised: re-scoring a run asks for the same sample's figures many times)."""
+    return _deepconf_stats(tuple(confidences), window)
+
+
+@functools.lru_cache(maxsize=4096)
+def _deepconf_stats(confidences: tuple[float, ...], window: int) -> dict[str, float] | None:
     groups = group_confidences(confidences, window)
     if not groups:
         return None

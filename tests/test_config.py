@@ -102,3 +102,18 @@ def test_vllm_engine_settings_follow_the_config_and_the_budget(monkeypatch):
         ]
         == "1"
     )
+
+
+def test_engine_args_the_config_does_not_name_pass_through(tmp_path):
+    from stages.backends.vllm_backend import engine_settings
+
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[vllm]\nkv_cache_dtype = "fp8"\n[vllm.engine_args]\nswap_space = 4\n'
+        'speculative_config = {method = "eagle3", num_speculative_tokens = 3}\n',
+        encoding="utf-8",
+    )
+    cfg = Config.from_toml(path)
+    got = engine_settings(cfg, device="cpu", dtype="float32", folder="/m", max_context=2048)
+    assert got["swap_space"] == 4 and got["kv_cache_dtype"] == "fp8"
+    assert got["speculative_config"] == {"method": "eagle3", "num_speculative_tokens": 3}

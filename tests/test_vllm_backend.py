@@ -41,7 +41,13 @@ async def vllm_backend():
 
     backend = await anyio.to_thread.run_sync(load_backend, vllm_config())
     yield backend
+    import gc
+    import warnings
+
     backend.close()
+    with warnings.catch_warnings():  # vLLM's engine client leaves its zmq context to the collector
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 def prompt(backend, text="What is 2 + 2?"):
@@ -143,19 +149,3 @@ async def test_an_early_stop_cancels_the_requests_running_in_vllm(vllm_backend):
     assert r.answer == 5 and r.early_stop and r.finish == {"answer": 2, "cancelled": 2}
     assert vllm_backend.running == set()
     assert time.perf_counter() - started < 60
-
-
-async def test_engine_args_the_config_does_not_name_pass_through(tmp_path):
-    from pipeline.config import Config
-    from stages.backends.vllm_backend import engine_settings
-
-    path = tmp_path / "c.toml"
-    path.write_text(
-        '[vllm]\nkv_cache_dtype = "fp8"\n[vllm.engine_args]\nswap_space = 4\n'
-        'speculative_config = {method = "eagle3", num_speculative_tokens = 3}\n',
-        encoding="utf-8",
-    )
-    cfg = Config.from_toml(path)
-    got = engine_settings(cfg, device="cpu", dtype="float32", folder="/m", max_context=2048)
-    assert got["swap_space"] == 4 and got["kv_cache_dtype"] == "fp8"
-    assert got["speculative_config"] == {"method": "eagle3", "num_speculative_tokens": 3}

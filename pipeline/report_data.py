@@ -8,8 +8,10 @@ the record, so re-scoring never needs the model: a sample's rounds are put toget
 (its text the rounds' texts joined; code output is not in the record, so a tir sample's answer is the
 last ``\\boxed{}`` its rounds wrote), its answer is ``stages.extraction.check_answer`` of that text under
 ``[answer]``. Cell errors are not recorded either: under the ``code`` rule a re-scored sample that took
-more than one round counts as clean code. Without a record, pass@k and majority@k come from each
-result's votes (the samples without an answer as ``None``; ties then break in the votes' order).
+more than one round counts as clean code. A sample the result counts but the record lacks (it failed
+before a completion came back) counts as one without an answer. Without a record, pass@k and
+majority@k come from each result's votes (the samples without an answer as ``None``; ties then break
+in the votes' order).
 """
 
 from __future__ import annotations
@@ -156,6 +158,12 @@ def candidates(pid: str, samples: Sequence[Sample], cfg: Config) -> list[Candida
     return out
 
 
+def _unrecorded(like: Generation, index: int) -> Candidate:
+    """A sample the result counts that the record does not hold (it failed): no answer."""
+    g = RecordedGeneration(encoded=like.encoded, index=index, text="", new_tokens=0, finish_reason="error")
+    return Candidate(g, None, None, "not in the record (the sample failed)")
+
+
 def sample_stats(c: Candidate, window: int) -> dict[str, Any]:
     """The per-sample figures of the report (answer, tokens, finish, confidence statistics)."""
     g = c.generation
@@ -220,6 +228,8 @@ def figures(
     for r in results:
         if record is not None and r.id in record:
             cs = candidates(r.id or "", record[r.id or ""], cfg)
+            top = max(c.generation.index for c in cs) + 1
+            cs += [_unrecorded(cs[0].generation, top + i) for i in range(r.samples - len(cs))]
             cands_of[r.id or ""] = cs
             answers: list[int | None] = [c.answer for c in cs]
         else:

@@ -35,6 +35,9 @@ class VoteConfig:
     keep the ``deepconf_keep`` share of a problem's samples that are most confident (lowest group,
     bottom-10% groups or tail confidence over ``deepconf_window``-token windows, a token's confidence
     minus the mean of its top-k log-probabilities) and sum each kept sample's confidence per answer.
+    They read the samples' token confidences (``generation.confidences``), which a record's re-scoring
+    (``python -m pipeline report --rules``) has; the inference stage does not keep them yet, so in a
+    live run they vote by majority.
     The highest total wins; ties go to the answer with more samples, then to the one whose first
     sample has the lowest index. ``early_stop`` ends a problem once that many samples agree; a problem
     also ends once the leader cannot be overtaken by the samples still running (for the rules whose

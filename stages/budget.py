@@ -163,9 +163,9 @@ class TimePlanner:
             self.end = self.started + self.budget_s if self.budget_s is not None else None
 
     @classmethod
-    def from_config(cls, cfg: Config) -> TimePlanner | None:
+    def from_config(cls, cfg: Config, clock: Callable[[], float] = now) -> TimePlanner | None:
         """The planner of ``cfg``'s ``[time]`` section (ceiling ``run.problem_timeout_s``), or ``None``
-        without a time budget."""
+        without a time budget; ``clock`` for tests."""
         t = cfg.time
         if t.budget_s is None:
             return None
@@ -181,6 +181,7 @@ class TimePlanner:
             min_samples=t.min_samples,
             max_samples=t.max_samples,
             reserve_s=t.reserve_per_problem_s,
+            clock=clock,
         )
 
     def spent(self) -> bool:

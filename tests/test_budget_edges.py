@@ -18,19 +18,10 @@ class Clock:
 
 
 def planner(cfg, clock: Clock, budget_s: float, expected: int) -> TimePlanner:
-    t = cfg.time
-    return TimePlanner(
-        budget_s=budget_s,
-        expected=expected,
-        parallel=cfg.run.max_in_flight,
-        samples=cfg.generation.samples,
-        greedy=cfg.generation.greedy,
-        base_s=t.base_s,
-        ceiling_s=cfg.run.problem_timeout_s,
-        margin_s=t.margin_s,
-        reserve_s=t.reserve_per_problem_s,
-        clock=clock,
-    )
+    timed = cfg.replace(time={"budget_s": budget_s, "expected_problems": expected})
+    p = TimePlanner.from_config(timed, clock)
+    assert p is not None
+    return p
 
 
 def aimo3():

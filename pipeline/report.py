@@ -27,7 +27,10 @@ INSTALL_PLOTS = "plots need matplotlib: pip install 'aimo-pipeline[bench]'"
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``report`` subcommand's arguments."""
-    p = argparse.ArgumentParser(prog="python -m pipeline report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline report",
+        description="A run's report: accuracy, pass@k and majority@k, selection rules re-scored offline.",
+    )
     p.add_argument("results", help="the results JSONL of a run (its --output)")
     p.add_argument("--record", help="the run's --record file: per-sample figures, and rules re-scored")
     p.add_argument("--out", default="report", help="folder for report.md, report.json, PNGs (report)")

@@ -269,3 +269,37 @@ def test_rescoring_a_record_gives_the_answers_of_a_live_run_with_that_rule(rule,
     assert main([*argv, "--rules", rule, "--config", str(settings)]) == 0
     fig = json.loads((out / "report.json").read_text())
     assert fig["rules"][rule]["answers"] == {pid: r["answer"] for pid, r in live.items()}
+
+
+@pytest.mark.model
+async def test_rescoring_a_real_run_gives_the_answers_of_a_live_replay_with_each_rule(
+    real_backend, tmp_path: Path
+):
+    # The default model on 3 GSM8K problems x 4 samples, recorded with its top-5 log-probabilities;
+    # then, per rule, the recorded run replayed live with that rule against the report's re-scoring.
+    from bench.data import gsm8k
+    from pipeline.report_data import figures
+    from stages.backends.replay import RecordingBackend, ReplayBackend
+    from tests.conftest import small_config, solve_all
+
+    items = [{"id": p.id, "problem": p.text, "answer": p.answer} for p in gsm8k(3)]
+    cfg = small_config(
+        generation={"samples": 4, "top_logprobs": 5, "max_new_tokens": 128}, vote={"rule": "majority"}
+    )
+    record = tmp_path / "run.jsonl"
+    recorder = RecordingBackend(real_backend, record)
+    try:
+        results = await solve_all(cfg, recorder, items)
+    finally:
+        recorder.close_file()
+    assert len(record.read_text().splitlines()) == 12
+    out = tmp_path / "results.jsonl"
+    out.write_text("".join(json.dumps(r.to_json()) + "\n" for r in results.values()))
+    fig = figures(load_results(out), load_record(record), cfg, LIVE_RULES + DEEPCONF)
+    for rule in LIVE_RULES + (DEEPCONF if KEEPS_CONFIDENCES else []):
+        live = await solve_all(cfg.replace(vote={"rule": rule}), ReplayBackend.load(record, speed=0), items)
+        assert fig["rules"][rule]["answers"] == {k: r.answer for k, r in live.items()}, rule
+    assert fig["rules"]["majority"]["answers"] == {k: r.answer for k, r in results.items()}
+    assert all(s["confidence"] is not None for ss in fig["samples_detail"].values() for s in ss)
+    answered = sum(s["answer"] is not None for ss in fig["samples_detail"].values() for s in ss)
+    assert answered > 0  # 11 of 12 here: the rules had answers to choose among

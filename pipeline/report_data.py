@@ -30,7 +30,7 @@ from pipeline.config import Config
 from stages.estimators import majority_at_k, mean_spread, pass_at_k
 from stages.extraction import check_answer
 from stages.items import Candidate, Encoded, Generation, Job, Problem, Result
-from stages.selection import RULES, deepconf_stats, token_confidence, token_entropy
+from stages.selection import RULES, deepconf_stats, memoised, token_confidence, token_entropy
 from stages.vote import tally
 from stages.vote_config import ENTROPY_RULES, VoteConfig, VoteRule
 
@@ -320,8 +320,9 @@ def figures(
         out["samples_detail"] = {
             pid: [sample_stats(c, cfg.vote.deepconf_window) for c in cs] for pid, cs in cands_of.items()
         }
-    for rule in rules:
-        out["rules"][rule] = rescore(rule, per, cands_of, record, cfg, n_max)
+    with memoised():
+        for rule in rules:
+            out["rules"][rule] = rescore(rule, per, cands_of, record, cfg, n_max)
     return out
 
 

@@ -23,10 +23,11 @@ whose samples has any is voted by majority.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from stages.items import Candidate
 from stages.vote_config import VoteConfig
@@ -90,14 +91,45 @@ def group_confidences(confidences: Sequence[float], window: int) -> list[float]:
 DEEPCONF_STATS = ("mean", "lowest", "bottom10", "tail")
 
 
+_MEMO: dict[tuple[int, Any], tuple[object, Any]] | None = None  # on inside memoised() only
+
+
+@contextlib.contextmanager
+def memoised() -> Iterator[None]:
+    """Inside: a sample's figures from its per-token rows are computed once per row sequence (by
+    identity; the cache holds the sequence, so its id is not reused), for re-scoring a run thousands of
+    times (``pipeline/report_data.py``). Outside (a live vote) nothing is kept. Not thread-safe."""
+    global _MEMO
+    outer = _MEMO
+    _MEMO = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _MEMO = outer
+
+
+def _memo(obj: object, key: Any, compute: Callable[[], Any]) -> Any:
+    if _MEMO is None:
+        return compute()
+    k = (id(obj), key)
+    hit = _MEMO.get(k)
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    value = compute()
+    _MEMO[k] = (obj, value)
+    return value
+
+
 def deepconf_stats(confidences: Sequence[float], window: int = 2048) -> dict[str, float] | None:
     """A sample's confidence figures (``DEEPCONF_STATS``) from its token confidences; ``None`` without any
-    (memoised: re-scoring a run asks for the same sample's figures many times)."""
-    return _deepconf_stats(tuple(confidences), window)
+    (inside ``memoised()``, once per sequence object)."""
+    figures: dict[str, float] | None = _memo(
+        confidences, ("deepconf", window), lambda: _deepconf_stats(confidences, window)
+    )
+    return figures
 
 
-@functools.lru_cache(maxsize=4096)
-def _deepconf_stats(confidences: tuple[float, ...], window: int) -> dict[str, float] | None:
+def _deepconf_stats(confidences: Sequence[float], window: int) -> dict[str, float] | None:
     groups = group_confidences(confidences, window)
     if not groups:
         return None
@@ -150,7 +182,12 @@ def _deepconf(stat: str) -> Rule:
 
 def _entropy_of(c: Candidate, cfg: VoteConfig, stat: str) -> float | None:
     e = c.generation.entropies
-    return sample_entropy(e, cfg.entropy_tokens, stat) if e else None
+    if not e:
+        return None
+    h: float | None = _memo(
+        e, ("entropy", cfg.entropy_tokens, stat), lambda: sample_entropy(e, cfg.entropy_tokens, stat)
+    )
+    return h
 
 
 def weight(c: Candidate, cfg: VoteConfig) -> float:

@@ -41,13 +41,6 @@ class ReportError(Exception):
     """A results or record file that cannot be read; the message names the file and line."""
 
 
-@dataclass(frozen=True)
-class RecordedGeneration(Generation):
-    """A generation rebuilt from a record, with its tokens' DeepConf confidences."""
-
-    confidences: tuple[float, ...] | None = field(default=None, repr=False)
-
-
 @dataclass
 class Sample:
     """One recorded sample, its rounds put together."""
@@ -140,7 +133,7 @@ def candidates(pid: str, samples: Sequence[Sample], cfg: Config) -> list[Candida
         text = "".join(s.texts)
         answer, extracted, reason = check_answer(text, modulus=a.modulus, lo=a.min, hi=a.max)
         top = s.top or []
-        g = RecordedGeneration(
+        g = Generation(
             encoded=encoded,
             index=s.index,
             text=text,
@@ -160,14 +153,14 @@ def candidates(pid: str, samples: Sequence[Sample], cfg: Config) -> list[Candida
 
 def _unrecorded(like: Generation, index: int) -> Candidate:
     """A sample the result counts that the record does not hold (it failed): no answer."""
-    g = RecordedGeneration(encoded=like.encoded, index=index, text="", new_tokens=0, finish_reason="error")
+    g = Generation(encoded=like.encoded, index=index, text="", new_tokens=0, finish_reason="error")
     return Candidate(g, None, None, "not in the record (the sample failed)")
 
 
 def sample_stats(c: Candidate, window: int) -> dict[str, Any]:
     """The per-sample figures of the report (answer, tokens, finish, confidence statistics)."""
     g = c.generation
-    conf = g.confidences if isinstance(g, RecordedGeneration) else None
+    conf = g.confidences
     return {
         "sample": g.index,
         "answer": c.answer,

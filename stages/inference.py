@@ -38,7 +38,7 @@ from stages.config import Config
 from stages.items import Encoded, Generation, Outcome
 from stages.prompting import style_for
 from stages.sandbox import Sandbox, SandboxError
-from stages.selection import token_entropy
+from stages.selection import token_confidence, token_entropy
 
 TIME_LIMIT = "time limit reached"  # a timed-out sample's error text (its outcome is "timed_out")
 
@@ -110,6 +110,7 @@ class _Outcome:
     clean: int = 0
     logprobs: list[float] | None = None
     entropies: list[float] | None = None
+    confidences: list[float] | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -232,6 +233,8 @@ class Inference:
                 if c.top_logprobs is not None:
                     rows = [h for t in c.top_logprobs if (h := token_entropy(t)) is not None]
                     out.entropies = (out.entropies or []) + rows  # an empty or broken row: no figure
+                    conf = [x for t in c.top_logprobs if (x := token_confidence(t)) is not None]
+                    out.confidences = (out.confidences or []) + conf
                 step = dialogue.take(c)
                 out.text = dialogue.text
                 if step == "done":
@@ -337,6 +340,7 @@ class Inference:
                 finish_reason=reason,
                 logprobs=tuple(out.logprobs) if out.logprobs is not None and finished else None,
                 entropies=tuple(out.entropies) if out.entropies is not None and finished else None,
+                confidences=tuple(out.confidences) if out.confidences is not None and finished else None,
                 of=samples,
                 rounds=out.rounds,
                 cells=out.cells,

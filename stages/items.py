@@ -122,7 +122,8 @@ class Generation:
     ``cell_errors`` the last line of each failed cell's error. ``outcome`` says how the sample ended,
     as a value the vote and the cache decide on (``error`` is only its text for people).
     ``entropies``: each generated token's entropy in bits over its top-k log-probabilities, when the
-    requests asked for them (``generation.top_logprobs``).
+    requests asked for them (``generation.top_logprobs``); ``confidences`` each token's DeepConf
+    confidence from the same rows (minus their mean).
     """
 
     encoded: Encoded
@@ -141,6 +142,7 @@ class Generation:
     cell_errors: tuple[str, ...] = ()
     outcome: Outcome = "finished"
     entropies: tuple[float, ...] | None = field(default=None, repr=False)
+    confidences: tuple[float, ...] | None = field(default=None, repr=False)
 
     @property
     def clean_code(self) -> bool:

@@ -155,8 +155,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def confidences_of(c: Candidate) -> Sequence[float] | None:
     """The sample's per-token DeepConf confidences, when its generation carries them."""
-    found: Sequence[float] | None = getattr(c.generation, "confidences", None)
-    return found
+    return c.generation.confidences
 
 
 def _deepconf(stat: str) -> Rule:

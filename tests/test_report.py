@@ -3,7 +3,6 @@ figures from a scripted run through the command, and re-scoring against a live r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.report_data import ReportError, candidates, config_of, load_record, load_results, rule_answer
-from stages.items import Generation
 from stages.selection import deepconf_stats, token_confidence
 from stages.vote_config import VoteConfig
 from tests.conftest import write_replay
@@ -242,23 +240,9 @@ def test_without_matplotlib_the_markdown_and_json_still_come_out(tmp_path: Path,
 
 LIVE_RULES = ["majority", "code", "entropy", "aimo3-second"]
 DEEPCONF = ["deepconf-lowest", "deepconf-bottom10", "deepconf-tail"]
-KEEPS_CONFIDENCES = "confidences" in {f.name for f in dataclasses.fields(Generation)}
 
 
-@pytest.mark.parametrize(
-    "rule",
-    LIVE_RULES
-    + [
-        pytest.param(
-            r,
-            marks=pytest.mark.skipif(
-                not KEEPS_CONFIDENCES,
-                reason="the inference stage does not keep token confidences yet (Generation.confidences)",
-            ),
-        )
-        for r in DEEPCONF
-    ],
-)
+@pytest.mark.parametrize("rule", LIVE_RULES + DEEPCONF)
 def test_rescoring_a_record_gives_the_answers_of_a_live_run_with_that_rule(rule, tmp_path: Path):
     _, record = _record_of_scripted_run(tmp_path)
     settings = tmp_path / "vote.toml"
@@ -296,7 +280,7 @@ async def test_rescoring_a_real_run_gives_the_answers_of_a_live_replay_with_each
     out = tmp_path / "results.jsonl"
     out.write_text("".join(json.dumps(r.to_json()) + "\n" for r in results.values()))
     fig = figures(load_results(out), load_record(record), cfg, LIVE_RULES + DEEPCONF)
-    for rule in LIVE_RULES + (DEEPCONF if KEEPS_CONFIDENCES else []):
+    for rule in LIVE_RULES + DEEPCONF:
         live = await solve_all(cfg.replace(vote={"rule": rule}), ReplayBackend.load(record, speed=0), items)
         assert fig["rules"][rule]["answers"] == {k: r.answer for k, r in live.items()}, rule
     assert fig["rules"]["majority"]["answers"] == {k: r.answer for k, r in results.items()}

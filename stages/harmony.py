@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -120,15 +120,6 @@ def text_of(message: Any) -> str:
     return "".join(getattr(c, "text", "") for c in message.content)
 
 
-def _plain_text(enc: Any, ids: tuple[int, ...]) -> str:
-    """The ordinary tokens of ``ids`` as text, for the record ("" when the ids are not the encoding's:
-    a broken server can send ids out of its range)."""
-    try:
-        return str(enc.decode([t for t in ids if 0 <= t < 2**32 and not enc.is_special_token(t)]))
-    except Exception:
-        return ""
-
-
 @dataclass
 class HarmonyDialogue:
     """One sample's Harmony conversation, grown round by round.
@@ -137,8 +128,8 @@ class HarmonyDialogue:
     ``python``: its code is ``code``), ``again`` (the model called a tool it does not have; the tool's
     error went back and the next round goes on) or ``done`` (a final message, a malformed or cut-off
     completion, or no call). ``text`` is what the sample's answer is read from: the final channel's
-    text, empty until there is one (an answer in the analysis is not an answer); ``written`` keeps
-    the other messages' text, ``error`` what was malformed.
+    text, empty until there is one (an answer in the analysis is not an answer). The conversation
+    (``messages``) keeps everything else the model wrote; ``error`` says what was malformed.
     """
 
     messages: list[Any]
@@ -146,7 +137,6 @@ class HarmonyDialogue:
     text: str = ""
     final: bool = False
     error: str | None = None
-    written: list[str] = field(default_factory=list)
 
     async def prompt(self) -> tuple[int, ...]:
         """The ids of the next round's prompt: the whole conversation so far (rendered off the loop
@@ -180,22 +170,20 @@ class HarmonyDialogue:
         import openai_harmony as h
 
         enc = encoding()
-        stops = set(enc.stop_tokens_for_assistant_actions())
         try:
             parsed = enc.parse_messages_from_completion_tokens(list(ids), h.Role.ASSISTANT, strict=False)
-        except Exception as e:  # not Harmony at all: the text as written, the error named
+        except Exception as e:  # not Harmony at all (or ids outside the encoding): no answer, it ends
             self.error = f"malformed Harmony completion: {e}"
-            self.written.append(_plain_text(enc, ids))
             return "done"
         self.messages.extend(parsed)
         for m in parsed:
             if m.channel == "final":
                 self.final = True
                 self.text = text_of(m)
-            elif not self.final:
-                self.written.append(text_of(m))
         last = parsed[-1] if parsed else None
-        ended_call = stopped and bool(ids) and ids[-1] in stops and last is not None and last.recipient
+        ended_call = (
+            stopped and bool(ids) and ids[-1] in stop_token_ids() and last is not None and last.recipient
+        )
         if self.final or not ended_call or last is None:
             return "done"
         recipient = str(last.recipient)

@@ -4,8 +4,10 @@ Writes ``DIR/report.md`` (accuracy; pass@k and majority@k for k = 1..n with the 
 and their spread; pass@1 averaged; selection loss, pass@n minus the vote's accuracy; no-answer share;
 finish reasons; tokens and time per problem; where a time budget cut samples; the problems the vote got
 wrong while some sample was right; with ``--rules``, each rule re-scored over the recorded samples
-without the model, side by side), ``DIR/report.json`` (every figure) and, with matplotlib (the
-``bench`` extra), ``DIR/accuracy_vs_k.png`` and ``DIR/per_problem.png``. The figures are computed in
+without the model, side by side; with a record holding top-k log-probabilities, the tokens a DeepConf
+online stop would have saved against accuracy, ``pipeline/report_online.py``), ``DIR/report.json``
+(every figure) and, with matplotlib (the ``bench`` extra), ``DIR/accuracy_vs_k.png``,
+``DIR/per_problem.png`` and ``DIR/online_stop.png``. The figures are computed in
 ``pipeline/report_data.py``. Exit codes: 0 written, 2 a missing or bad file (named, with its line).
 """
 
@@ -103,6 +105,23 @@ def markdown(fig: dict[str, Any], plots: list[str], plot_note: str | None) -> st
                 out.append(f"| {rule} | needs {v['needs']} | - |")
             else:
                 out.append(f"| {rule} | {_spread(v['accuracy'])} | {len(v['differs_from_run'])} |")
+    online = fig.get("online_stop")
+    if online:
+        out += ["", "## DeepConf online stop, replayed on the record", ""]
+        if "needs" in online:
+            out.append(f"Needs {online['needs']}.")
+        else:
+            out += [
+                f"Window {online['window']} tokens, rule {online['rule']}; a threshold per problem from "
+                f"its first {online['warmup']} samples (or fixed). Stopped samples do not vote.",
+                "",
+                "| setting | accuracy | tokens | tokens saved | samples stopped |",
+                "|---|---|---|---|---|",
+            ]
+            for row in online["rows"]:
+                saved = f"{100 * row['saved']:.1f}%" if row["saved"] is not None else "-"
+                cells = [row["setting"], _f(row["accuracy"]), str(row["tokens"]), saved, str(row["stopped"])]
+                out.append("| " + " | ".join(cells) + " |")
     out += ["", "## Problems the vote got wrong while some sample was right", ""]
     if fig["vote_wrong_sample_right"]:
         out += ["| id | gold | answer | votes | right samples |", "|---|---|---|---|---|"]
@@ -172,6 +191,24 @@ def plot(fig: dict[str, Any], out: Path) -> list[str]:
     f.savefig(out / "per_problem.png", dpi=110)
     plt.close(f)
     written.append("per_problem.png")
+    online = fig.get("online_stop") or {}
+    if online.get("rows"):
+        f, ax = plt.subplots(figsize=(7, 4.5))
+        for row in online["rows"]:
+            if row["accuracy"] is None or row["saved"] is None:
+                continue
+            x = 100 * row["saved"]
+            ax.scatter([x], [row["accuracy"]], s=40)
+            ax.annotate(row["setting"], (x, row["accuracy"]), textcoords="offset points", xytext=(5, 5))
+        ax.set_xlabel("tokens saved (%)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"DeepConf online stop (window {online['window']}): tokens saved against accuracy")
+        f.tight_layout()
+        f.savefig(out / "online_stop.png", dpi=110)
+        plt.close(f)
+        written.append("online_stop.png")
     return written
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.report_online import sweep
+from stages.confidence_stop import LOW_CONFIDENCE
 from stages.estimators import majority_at_k, mean_spread, pass_at_k
 from stages.extraction import check_answer
 from stages.items import Candidate, Encoded, Generation, Job, Problem, Result
@@ -132,6 +134,8 @@ def candidates(pid: str, samples: Sequence[Sample], cfg: Config) -> list[Candida
     for s in samples:
         text = "".join(s.texts)
         answer, extracted, reason = check_answer(text, modulus=a.modulus, lo=a.min, hi=a.max)
+        if s.finish == "confidence":  # stopped online: left out of the vote, as in the live run
+            answer, extracted, reason = None, None, LOW_CONFIDENCE
         top = s.top or []
         g = Generation(
             encoded=encoded,
@@ -310,6 +314,7 @@ def figures(
         "record": record is not None,
     }
     if record is not None:
+        out["online_stop"] = sweep(results, cands_of, cfg)
         out["samples_detail"] = {
             pid: [sample_stats(c, cfg.vote.deepconf_window) for c in cs] for pid, cs in cands_of.items()
         }

@@ -383,7 +383,8 @@ class Config:
         _check(
             not self.vote.needs_entropy or self.generation.top_logprobs > 0,
             "vote.rule",
-            f"{self.vote.rule} weighs samples by their top-k entropy: set generation.top_logprobs "
+            f"{'the DeepConf online stop' if self.vote.stops_early else self.vote.rule} reads the samples' "
+            "top-k log-probabilities: set generation.top_logprobs "
             "(--top-logprobs K, e.g. 5)",
         )
 

@@ -34,6 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from stages.backends.base import Backend, Request, SamplingParams, sample_seed
 from stages.budget import TimePlanner
 from stages.clock import now, scope_deadline
+from stages.confidence_stop import ConfidenceGate, ConfidenceTrack, ConfidenceWatch
 from stages.config import Config
 from stages.items import Encoded, Generation, Outcome
 from stages.prompting import style_for
@@ -112,6 +113,7 @@ class _Outcome:
     entropies: list[float] | None = None
     confidences: list[float] | None = None
     errors: list[str] = field(default_factory=list)
+    track: ConfidenceTrack | None = None  # DeepConf online: the sample's running confidence
 
 
 class Inference:
@@ -143,6 +145,7 @@ class Inference:
         self._requests = anyio.Semaphore(self.max_requests)
         self._tokens = TokenGate(cfg.run.max_tokens_in_flight)
         self._scopes: dict[int, list[anyio.CancelScope]] = {}
+        self._gates: dict[int, ConfidenceGate] = {}  # DeepConf online: each problem's threshold
         self.stats = InferenceStats()
 
     def params(self, encoded: Encoded, index: int, round_: int = 0) -> SamplingParams:
@@ -188,6 +191,11 @@ class Inference:
                 at = scope_deadline(deadline)
                 scopes = [anyio.CancelScope(deadline=at) for _ in range(samples)]
                 self._scopes[serial] = scopes
+                v = self.cfg.vote
+                if v.stops_early:
+                    self._gates[serial] = ConfidenceGate(
+                        fixed=v.deepconf_stop, warmup=v.deepconf_warmup, keep=v.deepconf_keep
+                    )
                 for index, scope in enumerate(scopes):
                     tg.start_soon(self._sample, item, index, scope, send, samples)
 
@@ -198,6 +206,7 @@ class Inference:
             scopes.remove(scope)
             if not scopes:
                 del self._scopes[serial]
+                self._gates.pop(serial, None)
 
     async def _rounds(self, encoded: Encoded, index: int, out: _Outcome) -> None:
         """Run sample ``index`` round by round into ``out`` (kept whole if cancelled midway), through the
@@ -207,6 +216,9 @@ class Inference:
         backend = self.backend
         dialogue = self.style.dialogue(encoded.prompt_ids, encoded.problem.text, self.cfg, backend)
         session = self.sandbox.session() if self.sandbox is not None and g.uses_tools else None
+        gate = self._gates.get(encoded.job.serial)
+        if gate is not None:
+            out.track = ConfidenceTrack(self.cfg.vote.deepconf_window)
         try:
             for round_ in range(g.max_rounds):
                 prompt = await dialogue.prompt()
@@ -214,7 +226,9 @@ class Inference:
                 if budget < 1:
                     out.finish = "length"
                     return
-                params = dialogue.shape(replace(self.params(encoded, index, round_), max_new_tokens=budget))
+                watch = ConfidenceWatch(out.track, gate) if gate is not None and out.track else None
+                params = self.params(encoded, index, round_)
+                params = dialogue.shape(replace(params, max_new_tokens=budget, watch=watch))
                 request = Request(
                     id=f"{encoded.job.serial}-{index}-{round_}",
                     prompt_ids=prompt,
@@ -235,9 +249,12 @@ class Inference:
                     out.entropies = (out.entropies or []) + rows  # an empty or broken row: no figure
                     conf = [x for t in c.top_logprobs if (x := token_confidence(t)) is not None]
                     out.confidences = (out.confidences or []) + conf
+                    if out.track is not None:
+                        for row in c.top_logprobs:
+                            out.track.feed(row)
                 step = dialogue.take(c)
                 out.text = dialogue.text
-                if step == "done":
+                if step == "done" or c.finish_reason == "confidence":
                     return
                 if step == "again":
                     continue
@@ -297,6 +314,9 @@ class Inference:
                 try:
                     await self._rounds(encoded, index, out)
                     finished = True
+                    gate = self._gates.get(encoded.job.serial)
+                    if gate is not None and out.track is not None and out.finish != "confidence":
+                        gate.finished(out.track)
                 except SandboxError as e:
                     error = f"the sandbox cannot run code: {e}"
                 except Exception as e:  # the model's failure is this sample's failure; the run goes on

@@ -20,6 +20,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from stages.clock import now
+from stages.confidence_stop import LOW_CONFIDENCE
 from stages.config import Config
 from stages.extraction import check_answer
 from stages.items import Candidate, Generation
@@ -109,9 +110,7 @@ class Verification:
             for g, (ans, ext, why) in zip(gens, checked, strict=True)
         ]
 
-    async def _next_batch(
-        self, receive: MemoryObjectReceiveStream[Generation]
-    ) -> list[Generation] | None:
+    async def _next_batch(self, receive: MemoryObjectReceiveStream[Generation]) -> list[Generation] | None:
         """Wait for one item, then take this copy's fair share of what is already queued, without
         waiting: at most ``min(verify_batch, ceil((1 + queued) / verify_workers))`` items in all.
         ``None`` once the stream is closed and drained."""
@@ -136,16 +135,15 @@ class Verification:
         """One copy of the stage; the runner starts ``verify_workers`` copies on cloned streams.
 
         A generation that carries an error becomes a failed ``Candidate`` with that error as its
-        reason, unchecked.
+        reason, unchecked; so does one DeepConf online stopped (finish reason ``confidence``).
         """
         async with receive, send:
             while (batch := await self._next_batch(receive)) is not None:
                 gens: list[Generation] = []
                 for item in batch:
-                    if item.error is not None:
-                        await send.send(
-                            Candidate(generation=item, answer=None, extracted=None, reason=item.error)
-                        )
+                    if item.error is not None or item.finish_reason == "confidence":
+                        why = item.error or LOW_CONFIDENCE  # a stopped sample's answer does not count
+                        await send.send(Candidate(generation=item, answer=None, extracted=None, reason=why))
                     else:
                         gens.append(item)
                 if gens:

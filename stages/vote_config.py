@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,9 +36,12 @@ class VoteConfig:
     keep the ``deepconf_keep`` share of a problem's samples that are most confident (lowest group,
     bottom-10% groups or tail confidence over ``deepconf_window``-token windows, a token's confidence
     minus the mean of its top-k log-probabilities) and sum each kept sample's confidence per answer.
-    They read the samples' token confidences (``generation.confidences``), which a record's re-scoring
-    (``python -m pipeline report --rules``) has; the inference stage does not keep them yet, so in a
-    live run they vote by majority.
+    They read the samples' token confidences (``generation.confidences``, kept by the inference stage
+    and by a record's re-scoring, ``python -m pipeline report --rules``).
+    DeepConf online (``stages/confidence_stop.py``): with ``deepconf_stop`` a fixed threshold, or
+    ``deepconf_warmup`` N (the ``(1 - deepconf_keep)`` percentile of the lowest window confidence of a
+    problem's first N finished samples), a sample is stopped once a full ``deepconf_window``-token
+    window's mean confidence falls below the threshold, and its answer is left out of the vote.
     The highest total wins; ties go to the answer with more samples, then to the one whose first
     sample has the lowest index. ``early_stop`` ends a problem once that many samples agree; a problem
     also ends once the leader cannot be overtaken by the samples still running (for the rules whose
@@ -72,6 +76,17 @@ class VoteConfig:
     deepconf_window: int = setting(
         2048, flag="--deepconf-window", help="deepconf rules: tokens per sliding confidence window"
     )
+    deepconf_stop: float | None = setting(
+        None,
+        flag="--deepconf-stop",
+        help="stop a sample once a window's mean token confidence falls below this (DeepConf online)",
+    )
+    deepconf_warmup: int | None = setting(
+        None,
+        flag="--deepconf-warmup",
+        help="stop samples below the (1 - keep) percentile of the lowest window confidence of each "
+        "problem's first N finished samples (DeepConf online)",
+    )
     early_stop: int | None = setting(
         None,
         flag="--early-stop",
@@ -89,9 +104,29 @@ class VoteConfig:
         )
         check(0 < self.deepconf_keep <= 1, "vote.deepconf_keep", "must be in (0, 1]")
         check(self.deepconf_window >= 1, "vote.deepconf_window", "must be at least 1")
+        check(
+            self.deepconf_stop is None or self.deepconf_warmup is None,
+            "vote.deepconf_stop",
+            "a fixed threshold and a warmup are two ways to set it: give one",
+        )
+        check(
+            self.deepconf_warmup is None or self.deepconf_warmup >= 1,
+            "vote.deepconf_warmup",
+            "must be at least 1",
+        )
+        check(
+            self.deepconf_stop is None or math.isfinite(self.deepconf_stop),
+            "vote.deepconf_stop",
+            "must be a finite number",
+        )
         check(self.entropy_stat in ("mean", "median"), "vote.entropy_stat", "must be mean or median")
 
     @property
+    def stops_early(self) -> bool:
+        """Whether samples are stopped online by their confidence (DeepConf online)."""
+        return self.deepconf_stop is not None or self.deepconf_warmup is not None
+
+    @property
     def needs_entropy(self) -> bool:
-        """Whether the rule reads the samples' top-k entropies."""
-        return self.rule in ENTROPY_RULES
+        """Whether the rule (or the online stop) reads the samples' top-k log-probabilities."""
+        return self.rule in ENTROPY_RULES or self.stops_early

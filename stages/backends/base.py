@@ -11,12 +11,25 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from anyio.abc import TaskStatus
 
-FinishReason = Literal["eos", "length", "stop", "answer", "aborted"]
+FinishReason = Literal["eos", "length", "stop", "answer", "aborted", "confidence"]
+
+
+class TokenWatch(Protocol):
+    """A per-request check a backend runs at every generated token (``stages/confidence_stop.py``'s
+    ``ConfidenceWatch``, DeepConf online)."""
+
+    def feed(self, top: Sequence[float]) -> bool:
+        """Take the token's top-k log-probabilities; ``True``: end the completion after this token."""
+        ...
+
+    def reset(self) -> None:
+        """Forget what was fed for this request (it is being retried from its start)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -31,7 +44,9 @@ class SamplingParams:
     ``stop_token_ids`` end the completion at any of these token ids (finish reason ``stop``, the id
     named in ``Completion.stop_token``; it is the last of ``token_ids``, and ``text`` leaves it out, as
     vLLM does). ``top_logprobs`` k > 0 asks for the k highest log-probabilities at each generated
-    position (``Completion.top_logprobs``).
+    position (``Completion.top_logprobs``). ``watch`` (which needs ``top_logprobs``) is fed each
+    generated token's top-k row as it is decoded; the completion ends after the first token it says so
+    for (finish reason ``confidence``).
     """
 
     max_new_tokens: int
@@ -45,6 +60,7 @@ class SamplingParams:
     stop_at_answer: bool = False
     stop_token_ids: tuple[int, ...] = ()
     top_logprobs: int = 0
+    watch: TokenWatch | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -61,6 +77,8 @@ class SamplingParams:
             raise ValueError("stop token ids must be non-negative")
         if self.top_logprobs < 0:
             raise ValueError("top_logprobs must be at least 0")
+        if self.watch is not None and self.top_logprobs < 1:
+            raise ValueError("a watch reads the top-k log-probabilities: top_logprobs must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -87,7 +105,7 @@ class Completion:
     stop string, named in ``stop_string``, ``text`` ending before it; or a stop token id, named in
     ``stop_token`` with ``stop_string`` ``None``, ``token_ids`` ending with it), ``answer`` (the
     request asked to stop at its answer and ``text`` ends with the closing brace of its
-    ``\\boxed{}``), ``aborted`` (cancelled).
+    ``\\boxed{}``), ``aborted`` (cancelled), ``confidence`` (the request's watch stopped it).
     ``logprobs`` holds one log-probability per new token when the request asked for them;
     ``top_logprobs`` (when the request asked for k > 0) one tuple per new token: the k highest
     log-probabilities at that position, highest first.

@@ -6,7 +6,9 @@ output (``step_s`` sleeps per step, so cancellation can be observed mid-generati
 ``max_new_tokens``, per-row abort and early delivery of finished rows. The prompt "tokens" are the code
 points of the user message, so a script can see the problem text. The n-th word of the output is token
 id n (from 1), so ``stop_token_ids=(3,)`` ends a completion at its third word (left out of the text, as
-vLLM leaves a stop token out); ``top_logprobs`` k gives each token -0.5, -1.0, ... (k values).
+vLLM leaves a stop token out); ``top_logprobs`` k gives each token -0.5, -1.0, ... (k values; DeepConf
+confidence 0.25 (k + 1)), and a word ending in ``?`` -0.1, -0.2, ... (a hesitant token: confidence
+0.05 (k + 1)), so a script can hold a low-confidence stretch for a request's ``watch`` to stop at.
 """
 
 from __future__ import annotations
@@ -157,7 +159,11 @@ class FakeBackend(BackendBase, CodePoints):
         ids = tuple(range(1, min(step, len(words)) + 1))
         lp = tuple(-0.5 for _ in ids) if p.logprobs else None
         k = p.top_logprobs
-        top = tuple(tuple(-0.5 * (j + 1) for j in range(k)) for _ in ids) if k else None
+        top = tuple(_top_row(w, k) for w in words[: len(ids)]) if k else None
+        if top is not None and p.watch is not None and step <= len(words) and p.watch.feed(top[-1]):
+            ends = step == len(words) or step in p.stop_token_ids
+            if not ends and finish_text(text, p.stop, p.stop_at_answer)[1] is None:
+                return Completion(ids, text, "confidence", logprobs=lp, top_logprobs=top)
         if step <= len(words) and step in p.stop_token_ids:
             before = "".join(words[: step - 1])
             return Completion(ids, before, "stop", logprobs=lp, stop_token=step, top_logprobs=top)
@@ -181,3 +187,9 @@ class FakeBackend(BackendBase, CodePoints):
     def close(self) -> None:
         """Marks the backend closed."""
         self.closed = True
+
+
+def _top_row(word: str, k: int) -> tuple[float, ...]:
+    """A scripted token's top-k log-probabilities: a hesitant word (ending in ``?``) has them close."""
+    step = 0.1 if word.rstrip().endswith("?") else 0.5
+    return tuple(-step * (j + 1) for j in range(k))

@@ -348,6 +348,10 @@ class OpenAIBackend(ChatTokenizer, BackendBase):
         top: list[tuple[float, ...]] = []
         finish: str | None = None
         stop_reason: Any = None
+        watch = p.watch
+        if watch is not None:
+            watch.reset()  # a retried request starts its watch again
+        fed = 0
         try:
             async for chunk in stream:
                 if not chunk.choices:
@@ -362,6 +366,14 @@ class OpenAIBackend(ChatTokenizer, BackendBase):
                     del ids[limit:], logprobs[limit:], top[limit:]
                     finish = "length"
                     break
+                if watch is not None and finish is None and choice.finish_reason is None:
+                    low = False
+                    while fed < len(top) and not low:
+                        low = watch.feed(top[fed][: p.top_logprobs])
+                        fed += 1
+                    if low:  # closing the stream aborts the rest on the server
+                        self.counts["early_closes"] += 1
+                        return self._completion(text, ids, "confidence", None, None, logprobs, top, p)
                 if choice.finish_reason is not None:
                     finish = choice.finish_reason
                     stop_reason = getattr(choice, "stop_reason", None)

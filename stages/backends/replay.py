@@ -41,10 +41,11 @@ from stages.backends.base import (
 )
 from stages.backends.fake import CodePoints
 from stages.clock import now
+from stages.confidence_stop import stop_in
 from stages.prompting import finish_text
 
 _WORD = re.compile(r"\S+\s*|\s+")
-_REASONS = ("eos", "length", "stop", "answer", "aborted")
+_REASONS = ("eos", "length", "stop", "answer", "aborted", "confidence")
 Key = tuple[str, int | None, int]
 
 
@@ -146,7 +147,12 @@ class ReplayBackend(BackendBase, CodePoints):
         else:
             await anyio.lowlevel.checkpoint()
         self.served += 1
-        return _completion(rec, request)
+        c = _completion(rec, request)
+        if request.params.watch is None:
+            return c
+        if rec.get("token_ids") is not None:  # real ids: the text stays whole
+            return stop_in(c, request.params.watch)
+        return stop_in(c, request.params.watch, lambda n: "".join(_WORD.findall(c.text)[:n]))
 
     def memory_profile(self) -> MemoryProfile | None:
         """No model, no memory to budget."""

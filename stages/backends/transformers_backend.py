@@ -30,6 +30,7 @@ from stages.backends.base import (
     BackendError,
     ChatTokenizer,
     Completion,
+    FinishReason,
     MemoryProfile,
     Request,
     kv_bytes_per_token,
@@ -123,7 +124,7 @@ def quantize_linear_int8(model: Any) -> Any:
 class _RowState:
     """What the model thread keeps per row of a running batch."""
 
-    __slots__ = ("finished", "generator", "logprobs", "stop_tail", "top")
+    __slots__ = ("finished", "generator", "logprobs", "low", "stop_tail", "top")
 
     def __init__(self, row: Row, device: str) -> None:
         import torch
@@ -136,6 +137,7 @@ class _RowState:
             self.generator.manual_seed(p.seed)
         self.logprobs: list[float] | None = [] if p.logprobs else None
         self.top: list[tuple[float, ...]] | None = [] if p.top_logprobs else None
+        self.low = False  # the request's watch stopped it at the last token
         # tokens to decode when looking for a stop string: enough to hold the longest one
         self.stop_tail = max((len(s) for s in p.stop), default=0) + 4
 
@@ -184,7 +186,10 @@ class _PickTokens:
                 if state.logprobs is not None:
                     state.logprobs.append(picked[i])
                 if state.top is not None and top is not None:
-                    state.top.append(tuple(top[i][: row.request.params.top_logprobs]))
+                    state.top.append(row_top := tuple(top[i][: row.request.params.top_logprobs]))
+                    watch = row.request.params.watch
+                    if watch is not None and watch.feed(row_top):
+                        state.low = True
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, chosen.unsqueeze(1), 0.0)
         return out
@@ -240,6 +245,8 @@ class _EndRows:
                 completion = b.completion(new, "stop", state.logprobs, p.stop, top=state.top)
                 if completion.stop_string is not None:
                     return completion
+        if state.low:
+            return b.completion(new, "confidence", state.logprobs, top=state.top)
         if steps >= p.max_new_tokens:
             return b.completion(new, "length", state.logprobs, top=state.top)
         return None
@@ -362,7 +369,10 @@ class TransformersBackend(ChatTokenizer, BackendBase):
             if how != reason:
                 return Completion(ids, text, "length", logprobs=lp, top_logprobs=tp)
             return Completion(ids, cut, how, stop_string=found, logprobs=lp, top_logprobs=tp)
-        return Completion(ids, text, "eos" if reason == "eos" else "length", logprobs=lp, top_logprobs=tp)
+        ended: FinishReason = (
+            "eos" if reason == "eos" else "confidence" if reason == "confidence" else "length"
+        )
+        return Completion(ids, text, ended, logprobs=lp, top_logprobs=tp)
 
     def _run_batch(self, rows: list[Row]) -> None:
         """Left-pad the rows into one batch and run ``model.generate`` once (in the model thread)."""

@@ -19,6 +19,7 @@ import importlib.util
 import itertools
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -230,7 +231,11 @@ class VllmBackend(ChatTokenizer, BackendBase):
             # k > 0 returns the top k of each position besides the drawn token
             logprobs=p.top_logprobs if p.logprobs or p.top_logprobs else None,
             # to stop at the answer the text is watched as it grows
-            output_kind=RequestOutputKind.CUMULATIVE if p.stop_at_answer else RequestOutputKind.FINAL_ONLY,
+            output_kind=(
+                RequestOutputKind.CUMULATIVE
+                if p.stop_at_answer or p.watch is not None
+                else RequestOutputKind.FINAL_ONLY
+            ),
         )
 
     async def generate(self, request: Request) -> Completion:
@@ -248,9 +253,20 @@ class VllmBackend(ChatTokenizer, BackendBase):
         final = None
         self.running.add(request_id)
         stream = self.engine.generate(prompt, self._sampling(request), request_id=request_id)
+        watch = request.params.watch
+        fed = 0  # positions the watch has seen
         try:
             async for out in stream:
                 final = out
+                if watch is not None and out.outputs and out.outputs[0].logprobs:
+                    rows = out.outputs[0].logprobs
+                    k = request.params.top_logprobs
+                    for d in rows[fed:]:
+                        fed += 1
+                        if watch.feed(sorted((float(lp.logprob) for lp in d.values()), reverse=True)[:k]):
+                            if out.finished and fed == len(rows):
+                                break  # it ended at that token anyway
+                            return self.low_confidence(out.outputs[0], fed, request.params)
                 if request.params.stop_at_answer and out.outputs:
                     cut, how, _ = finish_text(out.outputs[0].text, (), at_answer=True)
                     if how == "answer":  # leaving the generator aborts the request in the engine
@@ -273,6 +289,21 @@ class VllmBackend(ChatTokenizer, BackendBase):
         c = cls.completion(out, params)
         return Completion(
             c.token_ids, out.text[:end], "answer", logprobs=c.logprobs, top_logprobs=c.top_logprobs
+        )
+
+    @classmethod
+    def low_confidence(cls, out: Any, n: int, params: SamplingParams) -> Completion:
+        """A completion cut after its ``n``-th token, where the request's watch stopped it (finish
+        reason ``confidence``; the text is what vLLM had decoded by then)."""
+        c = cls.completion(out, params)
+        return replace(
+            c,
+            token_ids=c.token_ids[:n],
+            finish_reason="confidence",
+            stop_string=None,
+            stop_token=None,
+            logprobs=c.logprobs[:n] if c.logprobs is not None else None,
+            top_logprobs=c.top_logprobs[:n] if c.top_logprobs is not None else None,
         )
 
     @staticmethod

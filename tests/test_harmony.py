@@ -54,10 +54,13 @@ def record(pid: str, round_: int, ids: list[int], *, reason: str = "stop", sampl
 
 
 def harmony_config(**sections):
-    return layered_config({
-        "generation": {"prompt_style": "harmony", "max_rounds": 4, "max_new_tokens": 2000},
-        "sandbox": {"cell_timeout_s": 2.0},
-    }, **sections)
+    return layered_config(
+        {
+            "generation": {"prompt_style": "harmony", "max_rounds": 4, "max_new_tokens": 2000},
+            "sandbox": {"cell_timeout_s": 2.0},
+        },
+        **sections,
+    )
 
 
 async def test_a_python_call_runs_in_the_sandbox_and_the_next_round_renders_the_grown_conversation(tmp_path):

@@ -414,3 +414,14 @@ def test_the_cli_takes_the_server_flags(server: Server, tmp_path, monkeypatch: p
     )
     code = cli.main(["stream", str(problems), "-o", str(out), *flags, "--max-new-tokens", "24"])
     assert code == 0 and '"id": "a"' in out.read_text()
+
+
+async def test_a_watch_closes_the_stream_and_the_server_drops_the_request(
+    server: Server, backend: OpenAIBackend
+):
+    from tests.test_confidence_stop import check_a_backend_stops_where_the_watch_says
+
+    prompt = tuple(backend.encode([{"role": "user", "content": "Count from one to twenty."}]))
+    await served(backend, lambda: check_a_backend_stops_where_the_watch_says(backend.generate, prompt))
+    assert backend.counts["early_closes"] >= 1
+    await none_running(server.url)

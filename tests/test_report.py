@@ -287,3 +287,25 @@ async def test_rescoring_a_real_run_gives_the_answers_of_a_live_replay_with_each
     assert all(s["confidence"] is not None for ss in fig["samples_detail"].values() for s in ss)
     answered = sum(s["answer"] is not None for ss in fig["samples_detail"].values() for s in ss)
     assert answered > 0  # 11 of 12 here: the rules had answers to choose among
+    # DeepConf online on the same record: a fixed threshold at the samples' median lowest window
+    # stops some; the report's replay of it gives the answers and stops of a live replay
+    from pipeline.report_data import candidates
+
+    record_samples = load_record(record)
+    lows = sorted(
+        st["lowest"]
+        for pid, ss in record_samples.items()
+        for c in candidates(pid, ss, cfg)
+        if c.generation.confidences
+        and len(c.generation.confidences) > 16
+        and (st := deepconf_stats(c.generation.confidences, 16)) is not None
+    )
+    online = cfg.replace(vote={"deepconf_window": 16, "deepconf_stop": lows[len(lows) // 2]})
+    row = next(
+        r
+        for r in figures(load_results(out), record_samples, online)["online_stop"]["rows"]
+        if r["setting"].startswith("fixed")
+    )
+    live = await solve_all(online, ReplayBackend.load(record, speed=0), items)
+    assert row["answers"] == {k: r.answer for k, r in live.items()}
+    assert row["stopped"] == sum(r.finish.get("confidence", 0) for r in live.values()) > 0

@@ -24,10 +24,13 @@ def cell(code: str, before: str = "Let me compute.\n") -> str:
 
 
 def tir_config(**sections):
-    return layered_config({
-        "generation": {"prompt_style": "tir", "max_rounds": 4, "max_new_tokens": 200},
-        "sandbox": {"cell_timeout_s": 2.0},
-    }, **sections)
+    return layered_config(
+        {
+            "generation": {"prompt_style": "tir", "max_rounds": 4, "max_new_tokens": 200},
+            "sandbox": {"cell_timeout_s": 2.0},
+        },
+        **sections,
+    )
 
 
 def prompt_text(request) -> str:

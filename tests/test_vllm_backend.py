@@ -149,3 +149,14 @@ async def test_an_early_stop_cancels_the_requests_running_in_vllm(vllm_backend):
     assert r.answer == 5 and r.early_stop and r.finish == {"answer": 2, "cancelled": 2}
     assert vllm_backend.running == set()
     assert time.perf_counter() - started < 60
+
+
+async def test_a_watch_stops_the_request_in_the_engine(vllm_backend):
+    from tests.test_confidence_stop import check_a_backend_stops_where_the_watch_says
+
+    with anyio.fail_after(120):
+        await check_a_backend_stops_where_the_watch_says(
+            vllm_backend.generate, prompt(vllm_backend, "Count from one to twenty.")
+        )
+        while vllm_backend.unfinished():  # the stopped request left the engine
+            await anyio.sleep(0.001)

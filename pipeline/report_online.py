@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from stages.confidence_stop import LOW_CONFIDENCE, ConfidenceGate, ConfidenceTrack
+from stages.confidence_stop import LOW_CONFIDENCE, ConfidenceGate, ConfidenceTrack, ConfidenceWatch
 from stages.config import Config
 from stages.items import Candidate, Result
 from stages.vote import tally
@@ -27,13 +27,13 @@ from stages.vote import tally
 KEEPS = (0.9, 0.5, 0.1)
 
 
-def stop_point(confidences: Sequence[float], window: int, threshold: float) -> int | None:
-    """How many tokens a sample keeps under ``threshold`` (``None``: it is not stopped)."""
-    track = ConfidenceTrack(window)
-    for i, c in enumerate(confidences):
-        track.add(c)
-        if track.lowest is not None and track.lowest < threshold:
-            return i + 1 if i + 1 < len(confidences) else None  # stopped at its last token: it ended
+def stop_point(rows: Sequence[Sequence[float]], window: int, threshold: float) -> int | None:
+    """How many tokens a sample keeps under ``threshold``, from its recorded top-k rows, counted as a
+    backend's watch counts them (``None``: it is not stopped)."""
+    watch = ConfidenceWatch(ConfidenceTrack(window), ConfidenceGate(fixed=threshold))
+    for i, row in enumerate(rows):
+        if watch.feed(row):
+            return i + 1
     return None
 
 
@@ -43,10 +43,16 @@ def _stopped(c: Candidate, keep: int) -> Candidate:
 
 
 def simulate(
-    cands: Sequence[Candidate], cfg: Config, threshold: float | None, warmup: int, keep: float
+    cands: Sequence[Candidate],
+    rows_of: dict[int, Sequence[Sequence[float]]],
+    cfg: Config,
+    threshold: float | None,
+    warmup: int,
+    keep: float,
 ) -> tuple[list[Candidate], int, int]:
     """One problem's samples as an online stop would have left them (stopped ones without an answer),
-    the tokens kept and the samples stopped. ``threshold`` ``None``: set from the first ``warmup``."""
+    the tokens kept and the samples stopped; ``rows_of`` each sample's recorded top-k rows by index.
+    ``threshold`` ``None``: set from the first ``warmup``."""
     window = cfg.vote.deepconf_window
     order = sorted(cands, key=lambda c: c.generation.index)
     first: set[int] = set()
@@ -54,17 +60,17 @@ def simulate(
         gate = ConfidenceGate(warmup=warmup, keep=keep)
         for c in order[:warmup]:
             track = ConfidenceTrack(window)
-            for x in c.generation.confidences or ():
-                track.add(x)
+            for row in rows_of.get(c.generation.index, ()):
+                track.feed(row)
             gate.finished(track)
             first.add(c.generation.index)
         threshold = gate.threshold
     out, tokens, stopped = [], 0, 0
     for c in order:
-        conf = c.generation.confidences
+        rows = rows_of.get(c.generation.index)
         n = None
-        if threshold is not None and conf and c.generation.index not in first:
-            n = stop_point(conf, window, threshold)
+        if threshold is not None and rows and c.generation.index not in first:
+            n = stop_point(rows, window, threshold)
         if n is None:
             out.append(c)
             tokens += c.generation.new_tokens
@@ -75,8 +81,14 @@ def simulate(
     return out, tokens, stopped
 
 
-def sweep(results: Sequence[Result], cands_of: dict[str, list[Candidate]], cfg: Config) -> dict[str, Any]:
-    """The online stop's rows (see the module), or what is missing."""
+def sweep(
+    results: Sequence[Result],
+    cands_of: dict[str, list[Candidate]],
+    rows_of: dict[str, dict[int, Sequence[Sequence[float]]]],
+    cfg: Config,
+) -> dict[str, Any]:
+    """The online stop's rows (see the module), or what is missing; ``rows_of`` the recorded top-k rows
+    by problem and sample index."""
     if not any(c.generation.confidences for cs in cands_of.values() for c in cs):
         return {"needs": "--record with --top-logprobs (the token confidences)"}
     n = max((len(cs) for cs in cands_of.values()), default=0)
@@ -88,8 +100,8 @@ def sweep(results: Sequence[Result], cands_of: dict[str, list[Candidate]], cfg: 
     if v.deepconf_stop is not None:
         settings.append((f"fixed {v.deepconf_stop:g}", v.deepconf_stop, v.deepconf_keep))
     full = sum(c.generation.new_tokens for cs in cands_of.values() for c in cs)
-    rows = [_row("no online stop", results, cands_of, cfg, None, 0, 1.0, full)]
-    rows += [_row(name, results, cands_of, cfg, t, warmup, k, full) for name, t, k in settings]
+    rows = [_row("no online stop", results, cands_of, rows_of, cfg, None, 0, 1.0, full)]
+    rows += [_row(name, results, cands_of, rows_of, cfg, t, warmup, k, full) for name, t, k in settings]
     return {"window": v.deepconf_window, "warmup": warmup, "rule": v.rule, "rows": rows}
 
 
@@ -97,6 +109,7 @@ def _row(
     name: str,
     results: Sequence[Result],
     cands_of: dict[str, list[Candidate]],
+    rows_of: dict[str, dict[int, Sequence[Sequence[float]]]],
     cfg: Config,
     threshold: float | None,
     warmup: int,
@@ -113,7 +126,7 @@ def _row(
         if name == "no online stop":
             left, used, cut = list(cs), sum(c.generation.new_tokens for c in cs), 0
         else:
-            left, used, cut = simulate(cs, cfg, threshold, warmup, keep)
+            left, used, cut = simulate(cs, rows_of.get(r.id or "", {}), cfg, threshold, warmup, keep)
         tokens += used
         stopped += cut
         winner = tally(left, cfg.vote).winner

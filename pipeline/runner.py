@@ -225,6 +225,11 @@ class Runner:
                 "verification_busy": round(self.verification.busy_s, 3),
             },
             "inference": inf.report(),
+            "verification": {
+                "in_process": self.verification.quick,
+                "worker_batches": self.verification.batches,
+                "worker_failures": self.verification.worker_failures,
+            },
             "memory": memory_report(),
         }
         batches = self.backend.statistics()

@@ -18,8 +18,10 @@ The parts, one job each:
 - ``ConfidenceGate``: one problem's threshold (fixed, or unknown until its warmup samples are in).
 - ``ConfidenceWatch``: what one request carries (``SamplingParams.watch``): the backend feeds it each
   generated token's top-k row as it decodes and ends the completion (finish reason ``confidence``) at the
-  first token for which ``feed`` says so. It starts each round from the sample's track; ``reset`` starts
-  it again (a retried request).
+  first token for which ``feed`` says so, whatever else ends at that token (an end of text, a code
+  block's close: the sample stops there, exactly when the offline ``lowest`` of what it wrote is below
+  the threshold). It starts each round from the sample's track; ``reset`` starts it again (a retried
+  request or batch).
 - ``stop_in(completion, watch, cut)``: the same check over a completion that arrives whole (the scripted
   and replay backends).
 """
@@ -145,8 +147,6 @@ def stop_in(
     for i, row in enumerate(top):
         if watch.feed(row):
             n = i + 1
-            if n == len(top) and completion.finish_reason != "length":
-                return completion  # it ended there anyway
             lp = completion.logprobs[:n] if completion.logprobs is not None else None
             text = cut(n) if cut is not None else completion.text
             return replace(

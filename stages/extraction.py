@@ -113,6 +113,46 @@ def _math_verify_integer(s: str) -> tuple[int | None, str | None]:
     return None, f"cannot read answer {s!r} as a number"
 
 
+def quick_check(
+    text: str, *, modulus: int | None, lo: int, hi: int
+) -> tuple[int | None, str | None, str | None] | None:
+    """``check_answer``'s result when the text's last ``\\boxed{...}`` holds a plain number, found in
+    time linear in the text (so it is safe in the pipeline's own process); ``None`` for anything else
+    (no boxed answer, one that does not close, LaTeX for ``math-verify``), which goes to the workers."""
+    last = None
+    for m in _BOXED.finditer(text):
+        last = m
+    if last is None:
+        return None
+    i = last.end()
+    if i >= len(text) or text[i] != "{":
+        return None
+    j = text.find("}", i)
+    if j < 0 or "{" in text[i + 1 : j] or j - i > 64:
+        return None  # nested, unclosed or long: the full reading decides
+    s = _clean(text[i + 1 : j])
+    if _PLAIN_INT.match(s):
+        value = int(s.replace(",", ""))
+    elif _PLAIN_DEC.match(s):
+        f = float(s)
+        if not f.is_integer():
+            return None
+        value = int(f)
+    else:
+        return None
+    return _ranged(value, text[i + 1 : j].strip(), modulus, lo, hi)
+
+
+def _ranged(
+    value: int, extracted: str, modulus: int | None, lo: int, hi: int
+) -> tuple[int | None, str | None, str | None]:
+    if modulus is not None:
+        value %= modulus
+    if not lo <= value <= hi:
+        return None, extracted, f"answer {value} is outside the range {lo}-{hi}"
+    return value, extracted, None
+
+
 def check_answer(
     text: str, *, modulus: int | None, lo: int, hi: int
 ) -> tuple[int | None, str | None, str | None]:
@@ -127,8 +167,4 @@ def check_answer(
     value, reason = to_integer(extracted)
     if value is None:
         return None, extracted, reason
-    if modulus is not None:
-        value %= modulus
-    if not lo <= value <= hi:
-        return None, extracted, f"answer {value} is outside the range {lo}-{hi}"
-    return value, extracted, None
+    return _ranged(value, extracted, modulus, lo, hi)

@@ -66,10 +66,13 @@ def confidence(logprobs: Sequence[float]) -> float:
     return 1.0 / (max(0.0, surprisal) + 0.1)
 
 
+LOGPROB_FLOOR = -1e4  # a finite log-probability below this (a broken server's) counts as this
+
+
 def token_confidence(top: Sequence[float]) -> float | None:
     """DeepConf's token confidence: minus the mean of the token's finite top-k log-probabilities (each
-    at most 0); ``None`` for a row with no finite value."""
-    finite = [min(lp, 0.0) for lp in top if math.isfinite(lp)]
+    at most 0, at least ``LOGPROB_FLOOR``); ``None`` for a row with no finite value."""
+    finite = [min(max(lp, LOGPROB_FLOOR), 0.0) for lp in top if math.isfinite(lp)]
     return -math.fsum(finite) / len(finite) if finite else None
 
 

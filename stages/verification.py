@@ -1,5 +1,7 @@
 """The verification stage: a pool of worker processes checks each sample's answer.
 
+An output whose last ``\\boxed{...}`` holds a plain number is read here, in time linear in its length
+(``stages.extraction.quick_check``: the same answer ``check_answer`` gives); the rest go to the workers.
 Workers are ``stages.process_pool.WorkerPool`` processes (a dead one is replaced); each call carries a
 batch of outputs, so the cost of crossing a process boundary is paid once per batch. The worker
 function imports only the light ``stages.extraction`` (and ``math-verify`` when an answer is not a
@@ -22,7 +24,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from stages.clock import now
 from stages.confidence_stop import LOW_CONFIDENCE
 from stages.config import Config
-from stages.extraction import check_answer
+from stages.extraction import check_answer, quick_check
 from stages.items import Candidate, Generation
 from stages.process_pool import WorkerDied, WorkerPool
 
@@ -66,6 +68,7 @@ class Verification:
         self.cfg = cfg
         self.pool = WorkerPool(cfg.run.verify_workers)
         self.batches = 0
+        self.quick = 0  # outputs read in process (a plain boxed number)
         self.worker_failures = 0
         self.busy_s = 0.0
 
@@ -137,6 +140,7 @@ class Verification:
         A generation that carries an error becomes a failed ``Candidate`` with that error as its
         reason, unchecked; so does one DeepConf online stopped (finish reason ``confidence``).
         """
+        a = self.cfg.answer
         async with receive, send:
             while (batch := await self._next_batch(receive)) is not None:
                 gens: list[Generation] = []
@@ -144,6 +148,9 @@ class Verification:
                     if item.error is not None or item.finish_reason == "confidence":
                         why = item.error or LOW_CONFIDENCE  # a stopped sample's answer does not count
                         await send.send(Candidate(generation=item, answer=None, extracted=None, reason=why))
+                    elif (quick := quick_check(item.text, modulus=a.modulus, lo=a.min, hi=a.max)) is not None:
+                        self.quick += 1  # a plain boxed number: no worker needed
+                        await send.send(Candidate(item, *quick))
                     else:
                         gens.append(item)
                 if gens:

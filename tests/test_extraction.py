@@ -120,3 +120,62 @@ def test_extraction_never_raises(text):
 def test_integers_round_trip_through_formats(n):
     for text in (f"\\boxed{{{n}}}", f"\\boxed{{{n:,}}}", f"The final answer is {n}.", f"\\boxed{{{n}.0}}"):
         assert check_answer(text, modulus=None, lo=0, hi=10**9)[0] == n
+
+
+QUICK_TEXTS = [
+    "so \\boxed{42}",
+    "\\boxed{1,000} and more",
+    "first \\boxed{3} then \\boxed{ 12 }",
+    "\\boxed{$7$}",
+    "\\boxed{12.0}",
+    "\\boxed{12.5}",
+    "\\boxed{-5}",
+    "\\boxed{−8}",
+    "\\boxed{\\frac{8}{2}}",
+    "\\boxed{}",
+    "\\boxed {9}",
+    "\\fbox{11}",
+    "\\boxed 13",
+    "\\boxed{5} the final answer is 6",
+    "\\boxed{99999999999}",
+    "\\boxed{\\text{17}}",
+    "\\boxed{5\\%}",
+    "\\boxed{x}",
+    "\\boxed{2} \\boxed{\\boxed{3}}",
+    "\\boxed{4",
+    "the answer is 12",
+    "",
+]
+
+
+@pytest.mark.parametrize("modulus", [None, 1000])
+def test_the_in_process_reading_gives_check_answers_result_or_leaves_it_to_the_workers(modulus):
+    from stages.extraction import quick_check
+
+    read = 0
+    for text in QUICK_TEXTS:
+        quick = quick_check(text, modulus=modulus, lo=0, hi=99999)
+        if quick is not None:
+            read += 1
+            assert quick == check_answer(text, modulus=modulus, lo=0, hi=99999), text
+    assert read >= 10  # the plain numbers are read here
+    assert quick_check("\\boxed{\\frac{8}{2}}", modulus=None, lo=0, hi=9) is None  # LaTeX: the workers
+    # a hostile text (200,000 characters of unclosed boxes) is passed on, not scanned once per box
+    assert quick_check("\\boxed{" * 30_000, modulus=None, lo=0, hi=9) is None
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            ["\\boxed{", "\\boxed ", "}", "{", "1", "23", ",", ".", "0", " ", "$", "-", "x", "\\frac"]
+        ),
+        max_size=14,
+    )
+)
+def test_the_in_process_reading_agrees_with_check_answer_on_generated_texts(parts):
+    from stages.extraction import quick_check
+
+    text = "".join(parts)
+    quick = quick_check(text, modulus=None, lo=0, hi=10**6)
+    if quick is not None:
+        assert quick == check_answer(text, modulus=None, lo=0, hi=10**6)

@@ -29,6 +29,9 @@ class Tok:
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
         return {"input_ids": [ord(c) for c in text]}
 
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(map(chr, ids))
+
 
 def chunk(text: str, ids: list[int], finish: str | None = None, lp: Any = None, **extra: Any) -> dict:
     choice = {"index": 0, "text": text, "token_ids": ids, "logprobs": lp, "finish_reason": finish, **extra}

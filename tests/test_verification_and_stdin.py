@@ -288,7 +288,7 @@ async def test_verification_copies_share_the_queued_work():
     out_send, out_receive = anyio.create_memory_object_stream[Candidate](100)
     async with in_send:
         for i in range(total):
-            await in_send.send(generation("\\boxed{1}", 0, i))
+            await in_send.send(generation("\\boxed{\\frac{2}{2}}", 0, i))  # LaTeX: for the workers
     with anyio.fail_after(30):
         async with in_receive, out_send, anyio.create_task_group() as tg:
             for _ in range(cfg.run.verify_workers):

@@ -161,9 +161,7 @@ class FakeBackend(BackendBase, CodePoints):
         k = p.top_logprobs
         top = tuple(_top_row(w, k) for w in words[: len(ids)]) if k else None
         if top is not None and p.watch is not None and step <= len(words) and p.watch.feed(top[-1]):
-            ends = step == len(words) or step in p.stop_token_ids
-            if not ends and finish_text(text, p.stop, p.stop_at_answer)[1] is None:
-                return Completion(ids, text, "confidence", logprobs=lp, top_logprobs=top)
+            return Completion(ids, text, "confidence", logprobs=lp, top_logprobs=top)
         if step <= len(words) and step in p.stop_token_ids:
             before = "".join(words[: step - 1])
             return Completion(ids, before, "stop", logprobs=lp, stop_token=step, top_logprobs=top)

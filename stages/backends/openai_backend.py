@@ -366,14 +366,14 @@ class OpenAIBackend(ChatTokenizer, BackendBase):
                     del ids[limit:], logprobs[limit:], top[limit:]
                     finish = "length"
                     break
-                if watch is not None and finish is None and choice.finish_reason is None:
+                if watch is not None and finish is None:
                     low = False
                     while fed < len(top) and not low:
                         low = watch.feed(top[fed][: p.top_logprobs])
                         fed += 1
                     if low:  # closing the stream aborts the rest on the server
                         self.counts["early_closes"] += 1
-                        return self._completion(text, ids, "confidence", None, None, logprobs, top, p)
+                        return self._cut(text, ids, fed, logprobs, top, p)
                 if choice.finish_reason is not None:
                     finish = choice.finish_reason
                     stop_reason = getattr(choice, "stop_reason", None)
@@ -411,6 +411,22 @@ class OpenAIBackend(ChatTokenizer, BackendBase):
         elif stop_reason is None and ids and ids[-1] in p.stop_token_ids:
             reason, token = "stop", ids[-1]
         return self._completion(text, ids, reason, string, token, logprobs, top, p)
+
+    def _cut(
+        self,
+        text: str,
+        ids: list[int],
+        n: int,
+        logprobs: list[float],
+        top: list[tuple[float, ...]],
+        p: SamplingParams,
+    ) -> Completion:
+        """The completion cut after its ``n``-th token, where the request's watch stopped it (a chunk
+        may carry tokens past it; the text is then decoded from the ids kept)."""
+        if len(ids) > n:
+            del ids[n:]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self._completion(text, ids, "confidence", None, None, logprobs[:n], top[:n], p)
 
     @staticmethod
     def _completion(

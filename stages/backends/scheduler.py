@@ -247,6 +247,9 @@ class BatchScheduler:
             left = [r for r in rows if not r.done]
             if not left:
                 return
+            for r in left:  # a row run again starts its watch again
+                if r.request.params.watch is not None:
+                    r.request.params.watch.reset()
             if self.is_out_of_memory(e):
                 if len(left) == 1:
                     left[0].finish_here(BackendError("out of memory even in a batch of one"))

@@ -230,6 +230,8 @@ class _EndRows:
         p = row.request.params
         b = self.backend
         new = input_ids[i, self.width :].tolist()
+        if state.low:  # the watch wins at its token, whatever else ends there
+            return b.completion(new, "confidence", state.logprobs, top=state.top)
         if last in b.eos_ids:
             return b.completion(new, "eos", state.logprobs, top=state.top)
         if last in p.stop_token_ids:
@@ -245,8 +247,6 @@ class _EndRows:
                 completion = b.completion(new, "stop", state.logprobs, p.stop, top=state.top)
                 if completion.stop_string is not None:
                     return completion
-        if state.low:
-            return b.completion(new, "confidence", state.logprobs, top=state.top)
         if steps >= p.max_new_tokens:
             return b.completion(new, "length", state.logprobs, top=state.top)
         return None

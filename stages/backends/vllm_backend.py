@@ -276,8 +276,6 @@ class VllmBackend(ChatTokenizer, BackendBase):
                     for d in rows[fed:]:
                         fed += 1
                         if watch.feed(sorted((float(lp.logprob) for lp in d.values()), reverse=True)[:k]):
-                            if out.finished and fed == len(rows):
-                                break  # it ended at that token anyway
                             return self.low_confidence(out.outputs[0], fed, request.params)
                 if request.params.stop_at_answer and out.outputs:
                     cut, how, _ = finish_text(out.outputs[0].text, (), at_answer=True)

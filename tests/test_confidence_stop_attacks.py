@@ -446,7 +446,8 @@ async def test_a_stop_in_the_middle_of_a_later_round_closes_the_sandbox_session(
 
 
 async def test_a_stop_right_at_a_code_block_end_runs_no_code_and_drops_the_answer(tmp_path: Path):
-    # Found by the attack, fixed: stages/confidence_stop.py stop_in (`n == len(top) and finish_reason != "length"`: "it ended
+    # Fixed (found by an attack pass):
+    # stages/confidence_stop.py stop_in (`n == len(top) and finish_reason != "length"`: "it ended
     # there anyway") also leaves a round that stopped at a code block's closing fence unchanged, though
     # the sample does not end there: its code runs in the sandbox, the next round is sent, the watch
     # (carrying the low window) stops it after one token -- or, when that round is one token long, not
@@ -516,10 +517,9 @@ async def test_the_report_ignores_results_the_record_does_not_hold(tmp_path: Pat
     ],
     ids=["empty", "nan-inf"],
 )
-async def test_the_reports_fixed_row_counts_tokens_as_a_live_replay_with_broken_rows(
-    tmp_path: Path, rows
-):
-    # Found by the attack, fixed: pipeline/report_online.py stop_point counts the position in the sample's *filtered*
+async def test_the_reports_fixed_row_counts_tokens_as_a_live_replay_with_broken_rows(tmp_path: Path, rows):
+    # Fixed (found by an attack pass):
+    # pipeline/report_online.py stop_point counts the position in the sample's *filtered*
     # confidences (pipeline/report_data.py candidates drops the rows with no finite value), while a live
     # run (stop_in, every backend) cuts at the row's position among all generated tokens. A row with no
     # figure before the stop makes the report keep fewer tokens (here 2) than the live replay (4), so
@@ -542,7 +542,8 @@ async def test_the_reports_fixed_row_counts_tokens_as_a_live_replay_with_broken_
 async def test_the_report_and_a_live_replay_agree_on_a_length_sample_stopped_at_its_last_token(
     tmp_path: Path,
 ):
-    # Found by the attack, fixed: a sample cut by max_new_tokens whose window falls below the threshold at its very last token
+    # Fixed (found by an attack pass):
+    # a sample cut by max_new_tokens whose window falls below the threshold at its very last token
     # is stopped by stop_in (stages/confidence_stop.py: only a non-"length" finish "ended there anyway")
     # and by the scripted and transformers backends, so it does not vote; the report's stop_point
     # (pipeline/report_online.py: `i + 1 if i + 1 < len(confidences) else None`) treats every last token
@@ -625,7 +626,8 @@ class _OutOfMemoryOnce(FakeBackend):
 
 
 async def test_a_batch_retried_after_running_out_of_memory_starts_each_watch_again():
-    # Found by the attack, fixed: stages/backends/scheduler.py BatchScheduler._run re-runs a failed batch's rows (halves after an
+    # Fixed (found by an attack pass):
+    # stages/backends/scheduler.py BatchScheduler._run re-runs a failed batch's rows (halves after an
     # out-of-memory error, one by one after another error) without calling their watches' reset(), which
     # the TokenWatch protocol requires of a backend that retries a request. The transformers backend
     # feeds the watch in its logits processor, so a row retried after an OOM mid-generate carries the
@@ -660,7 +662,8 @@ async def test_a_batch_retried_after_running_out_of_memory_starts_each_watch_aga
 
 
 async def test_a_server_stream_stopped_inside_a_chunk_keeps_no_token_past_the_stop():
-    # Found by the attack, fixed: stages/backends/openai_backend.py _stream_on feeds the watch row by row but, once it says
+    # Fixed (found by an attack pass):
+    # stages/backends/openai_backend.py _stream_on feeds the watch row by row but, once it says
     # stop, returns the completion with every token, log-prob and row of the chunk read so far. A server
     # that sends several tokens per chunk (vLLM's --stream-interval, speculative decoding, SGLang) gives
     # a "confidence" completion that runs past the token the watch stopped at, unlike every other

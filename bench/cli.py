@@ -225,6 +225,14 @@ class Harness:
 
 
 COLUMNS = {
+    "overhead": (
+        "scenario",
+        "problems",
+        "seconds",
+        "problems_per_s",
+        "us_per_problem",
+        "stream_floor_items_per_s",
+    ),
     "batch": (
         "scenario",
         "batch_size",
@@ -292,6 +300,18 @@ def write_report(out: Path, name: str, report: dict[str, Any], kind: str, plots:
         md += ["Measured side by side in one run:", ""]
         md += [f"- {k}: **{v}**" for k, v in report["ratios"].items()]
         md.append("")
+    for r in rows:
+        prof = r.get("profile")
+        if prof:
+            md += [
+                f"## Where the time goes ({r['scenario']}, cProfile, event-loop thread)",
+                "",
+                f"{prof['profiled_us_per_problem']} us per problem under the profiler (which slows every "
+                "call: read the shares).",
+                "",
+                _markdown_table(prof["parts"][:12], ["part", "share", "us_per_problem"]),
+                _markdown_table(prof["functions"], ["function", "share"]),
+            ]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     env = report["environment"]
     md += ["", "Environment: " + ", ".join(f"{k}={v}" for k, v in env.items()), ""]

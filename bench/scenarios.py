@@ -39,6 +39,7 @@ class Settings:
     model: str | None = None
     samples: int = 1
     overhead_problems: int = 5000
+    profile: bool = True  # overhead: one more run under cProfile, for the report
 
     def config(self) -> Config:
         """The pipeline configuration these settings stand for (result cache off: every run computes)."""
@@ -139,16 +140,102 @@ async def overhead(settings: Settings) -> Figures:
     cfg = settings.config().replace(
         batch={"max_batch_size": 64, "max_wait_ms": 1.0}, run={"max_in_flight": 256}
     )
-    async with Pipeline(cfg, backend=FakeBackend(record=False)) as p:
-        start = time.perf_counter()
-        results = [r async for r in p.stream(problems)]
-        seconds = time.perf_counter() - start
+
+    async def run() -> tuple[float, list[Any]]:
+        async with Pipeline(cfg, backend=FakeBackend(record=False)) as p:
+            start = time.perf_counter()
+            results = [r async for r in p.stream(problems)]
+            return time.perf_counter() - start, results
+
+    seconds, results = await run()
     wrong = sum(not r.correct for r in results)
     figures = _figures(
         "overhead", problems, seconds, sum(r.new_tokens for r in results), len(results) - wrong
     )
     figures["us_per_problem"] = round(seconds / len(problems) * 1e6, 1)
+    figures["stream_floor_items_per_s"] = round(await stream_floor(len(problems), FLOOR_HOPS), 1)
+    if settings.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        await run()
+        profiler.disable()
+        figures["profile"] = profile_rows(profiler, len(problems))
     return figures
+
+
+FLOOR_HOPS = 7  # the memory streams one problem crosses: jobs, encoded, generations, candidates, ...
+
+
+async def stream_floor(n: int, hops: int) -> float:
+    """Items per second through ``hops`` bare anyio memory streams in a chain (a task per hop, buffers of
+    64): the cost of the hand-offs alone, the floor under the pipeline's per-problem cost."""
+
+    async def relay(receive: Any, send: Any) -> None:
+        async with receive, send:
+            async for x in receive:
+                await send.send(x)
+
+    ends = [anyio.create_memory_object_stream[int](64) for _ in range(hops)]
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(hops - 1):
+            tg.start_soon(relay, ends[i][1], ends[i + 1][0])
+
+        async def feed() -> None:
+            async with ends[0][0]:
+                for i in range(n):
+                    await ends[0][0].send(i)
+
+        tg.start_soon(feed)
+        async with ends[-1][1]:
+            async for _ in ends[-1][1]:
+                pass
+    return n / (time.perf_counter() - start)
+
+
+def profile_rows(profiler: Any, n: int, top: int = 12) -> dict[str, Any]:
+    """Where the event loop's time goes, from a ``cProfile`` run over ``n`` problems: each part's own
+    (exclusive) time per problem, and the functions with the most. The profiler slows every call, so
+    the shares matter, not the absolute figures; it sees the event-loop thread only (the backend's
+    batch thread is not in it)."""
+    import pstats
+
+    stats = pstats.Stats(profiler)
+    parts: dict[str, float] = {}
+    funcs: list[tuple[float, str]] = []
+    for (file, line, name), (_, _, own, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if "/stages/" in file or "/pipeline/" in file or "/bench/" in file:
+            part = "/".join(file.split("/")[-2:])
+        elif "anyio" in file:
+            part = "anyio"
+        elif "asyncio" in file:
+            part = "asyncio"
+        elif file == "~":
+            part = "built-ins (" + ("waiting in epoll" if "poll" in name else "C calls") + ")"
+        else:
+            part = "other"
+        parts[part] = parts.get(part, 0.0) + own
+        funcs.append(
+            (
+                own,
+                f"{part}:{line} {name}"
+                if part not in ("anyio", "asyncio")
+                else f"{file.split('/')[-1]}:{line} {name}",
+            )
+        )
+    total = sum(parts.values()) or 1.0
+    return {
+        "profiled_us_per_problem": round(total / n * 1e6, 1),
+        "parts": [
+            {"part": k, "share": round(v / total, 3), "us_per_problem": round(v / n * 1e6, 1)}
+            for k, v in sorted(parts.items(), key=lambda kv: -kv[1])
+        ],
+        "functions": [
+            {"function": f, "share": round(t / total, 3)} for t, f in sorted(funcs, reverse=True)[:top]
+        ],
+    }
 
 
 def run_pipeline(

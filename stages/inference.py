@@ -25,7 +25,7 @@ samples when its samples start.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -148,12 +148,21 @@ class Inference:
         self._gates: dict[int, ConfidenceGate] = {}  # DeepConf online: each problem's threshold
         self.stats = InferenceStats()
 
-    def params(self, encoded: Encoded, index: int, round_: int = 0) -> SamplingParams:
-        """The sampling settings of sample ``index``'s round ``round_``; its seed depends on the
-        problem, the index and the round only."""
+    def params(
+        self,
+        encoded: Encoded,
+        index: int,
+        round_: int = 0,
+        *,
+        max_new_tokens: int | None = None,
+        watch: ConfidenceWatch | None = None,
+    ) -> SamplingParams:
+        """The sampling settings of sample ``index``'s round ``round_`` (``max_new_tokens`` the round's
+        budget, else the run's); its seed depends on the problem, the index and the round only."""
         g = self.cfg.generation
         return SamplingParams(
-            max_new_tokens=g.max_new_tokens,
+            max_new_tokens=max_new_tokens or g.max_new_tokens,
+            watch=watch,
             greedy=g.greedy,
             temperature=g.temperature,
             top_p=g.top_p,
@@ -227,8 +236,9 @@ class Inference:
                     out.finish = "length"
                     return
                 watch = ConfidenceWatch(out.track, gate) if gate is not None and out.track else None
-                params = self.params(encoded, index, round_)
-                params = dialogue.shape(replace(params, max_new_tokens=budget, watch=watch))
+                params = dialogue.shape(
+                    self.params(encoded, index, round_, max_new_tokens=budget, watch=watch)
+                )
                 request = Request(
                     id=f"{encoded.job.serial}-{index}-{round_}",
                     prompt_ids=prompt,

@@ -290,6 +290,8 @@ _FLAGS_OF_SETTINGS = {
     "entropy_stat": ("vote", "entropy_stat"),
     "deepconf_keep": ("vote", "deepconf_keep"),
     "deepconf_window": ("vote", "deepconf_window"),
+    "deepconf_stop": ("vote", "deepconf_stop"),
+    "deepconf_warmup": ("vote", "deepconf_warmup"),
     "prompt_format": ("prompt", "format"),
     "system_prompt": ("prompt", "system"),
     "user_template": ("prompt", "user_template"),

@@ -617,8 +617,8 @@ class _OutOfMemoryOnce(FakeBackend):
         super().__init__(*args, **kwargs)
         self.failing = True
 
-    def _step(self, row, words, step):  # type: ignore[override]
-        done = FakeBackend._step(row, words, step)
+    def _step(self, row, words, step, low=None):  # type: ignore[override]
+        done = FakeBackend._step(row, words, step, low)
         if self.failing and step == 3:
             self.failing = False
             raise MemoryError("CUDA out of memory")
@@ -634,7 +634,7 @@ async def test_a_batch_retried_after_running_out_of_memory_starts_each_watch_aga
     # tokens of the failed try: here "a? b c?" then "a?" again makes a window (0.3 + 0.3) / 2 that the
     # real completion never has, and the row is stopped after one token instead of ending whole.
     text = "a? b c? d e f g h"  # windows of 2: 0.9 at most between hesitant words, never 0.3
-    backend = _OutOfMemoryOnce(lambda t, n: text, max_wait_s=0.05)
+    backend = _OutOfMemoryOnce(lambda t, n: text, max_wait_s=0.05, step_s=0.001)  # decode step by step
     gate = ConfidenceGate(fixed=0.5)
 
     def request(i: int) -> Request:

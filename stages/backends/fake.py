@@ -131,6 +131,14 @@ class FakeBackend(BackendBase, CodePoints):
         if self.delay_s:
             time.sleep(self.delay_s)
         words = [_WORD.findall(self.script(t)) for t in texts]
+        if not self.step_s:  # nothing to watch between steps: each row's end, found directly
+            self.steps += 1
+            for row, w in zip(rows, words, strict=True):
+                if row.aborted:
+                    row.drop()
+                else:
+                    row.finish(self._at_once(row, w))
+            return
         live = list(range(len(rows)))
         step = 0
         while live:
@@ -151,16 +159,47 @@ class FakeBackend(BackendBase, CodePoints):
                     row.finish(done)
             live = still
 
+    @classmethod
+    def _at_once(cls, row: Row, words: list[str]) -> Completion:
+        """The completion stepping would give (``_step`` at each step until one ends the row), found
+        with a few checks: the first step at which a stop token, a stop string or the answer, the end
+        of the words or ``max_new_tokens`` ends it (the text's stop and answer are found once it holds
+        them, so by bisection), and the watch fed up to there."""
+        p = row.request.params
+        n = len(words)
+        ends = [max(n, 1), p.max_new_tokens]
+        ends += [t for t in p.stop_token_ids if 1 <= t <= n]
+        if (p.stop or p.stop_at_answer) and finish_text("".join(words), p.stop, p.stop_at_answer)[1]:
+            lo, hi = 1, n  # the first prefix of words that holds a stop or the answer
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if finish_text("".join(words[:mid]), p.stop, p.stop_at_answer)[1]:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            ends.append(lo)
+        end = min(ends)
+        if p.watch is not None and p.top_logprobs:
+            for step in range(1, min(end, n) + 1):
+                if p.watch.feed(_top_row(words[step - 1], p.top_logprobs)):
+                    return cls._step(row, words, step, low=True)  # type: ignore[return-value]
+        done = cls._step(row, words, end, low=False)
+        assert done is not None
+        return done
+
     @staticmethod
-    def _step(row: Row, words: list[str], step: int) -> Completion | None:
-        """The row's completion if it ends at this step, else ``None``."""
+    def _step(row: Row, words: list[str], step: int, low: bool | None = None) -> Completion | None:
+        """The row's completion if it ends at this step, else ``None``; ``low``: whether the watch
+        stops it here (``None``: feed the watch this step's token)."""
         p = row.request.params
         text = "".join(words[:step])
         ids = tuple(range(1, min(step, len(words)) + 1))
         lp = tuple(-0.5 for _ in ids) if p.logprobs else None
         k = p.top_logprobs
         top = tuple(_top_row(w, k) for w in words[: len(ids)]) if k else None
-        if top is not None and p.watch is not None and step <= len(words) and p.watch.feed(top[-1]):
+        if low is None:
+            low = top is not None and p.watch is not None and step <= len(words) and p.watch.feed(top[-1])
+        if low:
             return Completion(ids, text, "confidence", logprobs=lp, top_logprobs=top)
         if step <= len(words) and step in p.stop_token_ids:
             before = "".join(words[: step - 1])

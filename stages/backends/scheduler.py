@@ -14,6 +14,7 @@ that still fails gets the exception.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import sniffio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 
@@ -62,11 +64,14 @@ def _batch_report(st: SchedulerStats) -> dict[str, Any] | None:
 class Row:
     """One request inside the scheduler. ``run_batch`` reads it from the model thread."""
 
-    __slots__ = ("_event", "_stats", "aborted", "aborted_at", "dropped_at", "outcome", "request")
+    __slots__ = ("_event", "_post", "_stats", "aborted", "aborted_at", "dropped_at", "outcome", "request")
 
-    def __init__(self, request: Request, stats: SchedulerStats) -> None:
+    def __init__(
+        self, request: Request, stats: SchedulerStats, post: Callable[..., object] | None = None
+    ) -> None:
         self.request = request
         self._stats = stats
+        self._post = post  # schedules a call on the event loop from the model thread, without waiting
         self.aborted = False
         self.aborted_at: float | None = None
         self.dropped_at: float | None = None
@@ -84,9 +89,14 @@ class Row:
             self._event.set()
 
     def finish(self, outcome: Completion | BaseException) -> None:
-        """Deliver the row's outcome from the model thread (wakes the waiting task)."""
+        """Deliver the row's outcome from the model thread (wakes the waiting task). The model thread
+        does not wait for the event loop: the outcome is set there before the batch call's own return
+        is seen (the loop runs the thread's calls in order)."""
         if self.outcome is None and self.dropped_at is None:
-            anyio.from_thread.run_sync(self._set, outcome)
+            if self._post is not None:
+                self._post(self._set, outcome)
+            else:
+                anyio.from_thread.run_sync(self._set, outcome)
 
     def finish_here(self, outcome: Completion | BaseException) -> None:
         """Deliver the row's outcome from the event-loop thread."""
@@ -134,6 +144,7 @@ class BatchScheduler:
         self._last_oom = 0.0
         self.max_pending = max_pending
         self._send: MemoryObjectSendStream[Row] | None = None
+        self._post: Callable[..., object] | None = None
         self._thread = anyio.CapacityLimiter(1)
         self.running: set[Row] = set()
 
@@ -162,7 +173,7 @@ class BatchScheduler:
         send = self._send
         if send is None:
             raise BackendError("the backend is not serving: it was stopped or never started")
-        row = Row(request, self.stats)
+        row = Row(request, self.stats, self._post)
         try:
             await send.send(row)
             await row._event.wait()
@@ -200,6 +211,8 @@ class BatchScheduler:
         if self._send is not None:
             raise BackendError("the backend is already serving another pipeline")
         self._send, receive = anyio.create_memory_object_stream[Row](self.max_pending)
+        if sniffio.current_async_library() == "asyncio":
+            self._post = asyncio.get_running_loop().call_soon_threadsafe
         batcher = MicroBatcher(
             receive,
             max_size=self.max_size,

@@ -57,7 +57,8 @@ def config(args: argparse.Namespace, backend: str, workload: str) -> Config:
         batch={"max_batch_size": args.batch_size},
         generation=gen,
         run={"max_in_flight": args.problems},
-        vllm={"max_model_len": 2048},
+        # one engine for every workload, sized for the sampled ones (as a sampled run sizes it)
+        vllm={"max_model_len": 2048, "max_num_seqs": args.problems * args.samples},
         cache={"size": 0},
     )
 

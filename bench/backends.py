@@ -109,14 +109,21 @@ def vllm_offline(problems: list[Problem], cfg: Config, tokenizer_backend: Backen
     return _figures("vllm offline", problems, seconds, tokens, correct)
 
 
-async def pipeline(problems: list[Problem], backend: Backend, cfg: Config, name: str) -> Figures:
-    """The pipeline over ``problems``, timed from the first problem in to the last result out."""
+async def timed_stream(problems: list[Problem], backend: Backend, cfg: Config) -> tuple[float, list[Any]]:
+    """The pipeline over ``problems``: seconds from the first problem in to the last result out, and
+    the results."""
     fresh = [replace(p, submitted=time.perf_counter()) for p in problems]
     async with Pipeline(cfg, backend=backend) as p:
         start = time.perf_counter()
         results = [r async for r in p.stream(fresh)]
         seconds = time.perf_counter() - start
     assert len(results) == len(problems)
+    return seconds, results
+
+
+async def pipeline(problems: list[Problem], backend: Backend, cfg: Config, name: str) -> Figures:
+    """The pipeline over ``problems``, timed from the first problem in to the last result out."""
+    seconds, results = await timed_stream(problems, backend, cfg)
     figs = _figures(
         name, problems, seconds, sum(r.new_tokens for r in results), sum(bool(r.correct) for r in results)
     )

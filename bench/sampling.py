@@ -26,16 +26,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from bench.backends import _correct
+from bench.backends import _correct, timed_stream
 from bench.data import gsm8k
 from bench.scenarios import _encode_all as encode_all
-from pipeline.api import Pipeline
 from pipeline.config import Config
 from pipeline.items import Problem
 from stages.backends.base import Backend
@@ -77,11 +75,7 @@ def row(name: str, seconds: float, tokens: int, samples: int, correct: int | Non
 
 async def pipeline(problems: list[Problem], backend: Backend, cfg: Config, name: str) -> Figures:
     """The pipeline over ``problems``: first problem in to last result out."""
-    fresh = [replace(p, submitted=time.perf_counter()) for p in problems]
-    async with Pipeline(cfg, backend=backend) as p:
-        start = time.perf_counter()
-        results = [r async for r in p.stream(fresh)]
-        seconds = time.perf_counter() - start
+    seconds, results = await timed_stream(problems, backend, cfg)
     samples = sum(r.samples for r in results)
     return row(
         name, seconds, sum(r.new_tokens for r in results), samples, sum(bool(r.correct) for r in results)

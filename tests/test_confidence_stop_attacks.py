@@ -290,7 +290,10 @@ async def test_a_warmup_under_load_loses_no_sample_and_forgets_every_gate():
     assert gates == {} and scopes == {} and stats["completed"] == 800
     for r in out.values():
         assert r.samples == 8 and sum(r.finish.values()) == 8
-        assert r.answer == r.gold and r.finish.get("answer", 0) >= 3
+        # the threshold comes when the warmup samples finish, so which hesitant ones it catches depends
+        # on timing; what holds whatever the timing: a stopped sample never votes, the sure ones do
+        assert sum(r.votes.values()) == r.finish.get("answer", 0) >= 3
+        assert r.votes.get(r.gold, 0) >= 3
     assert stopped_count(out.values()) > 0
 
 

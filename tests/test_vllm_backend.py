@@ -175,18 +175,19 @@ def long_prompts(backend, n: int, tokens: int) -> list[tuple[int, ...]]:
 
 
 async def test_many_concurrent_seeded_requests_with_long_prompts_finish(vllm_backend):
-    # 64 sampled, seeded requests of ~700-token prompts at once: 8 sequences x 700 tokens is more than
-    # one step's token budget, so with chunked prefill (vLLM's default) the engine rewinds a CPU
-    # generator and dies ("CPU Generator does not use offset"); our CPU settings never chunk.
+    # 64 sampled, seeded requests of ~520-token prompts at once: 8 sequences x 520 tokens is more than
+    # one step's token budget (at most 4,096), so with chunked prefill (vLLM's default) the engine
+    # rewinds a CPU generator and dies ("CPU Generator does not use offset"); our CPU settings never
+    # chunk.
     b = vllm_backend
     assert b.settings["enable_chunked_prefill"] is False
     assert b.settings["max_num_batched_tokens"] >= b.settings["max_model_len"]
-    prompts = long_prompts(b, 64, 700)
-    assert min(len(p) for p in prompts) > 500
+    prompts = long_prompts(b, 64, 520)
+    assert min(len(p) for p in prompts) >= 520
     out: dict[int, object] = {}
 
     async def one(i: int) -> None:
-        params = SamplingParams(max_new_tokens=8, greedy=False, temperature=0.7, seed=1000 + i)
+        params = SamplingParams(max_new_tokens=4, greedy=False, temperature=0.7, seed=1000 + i)
         out[i] = await b.generate(Request(f"seeded-{i}", prompts[i], params))
 
     with anyio.fail_after(300):

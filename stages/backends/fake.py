@@ -133,11 +133,15 @@ class FakeBackend(BackendBase, CodePoints):
         words = [_WORD.findall(self.script(t)) for t in texts]
         if not self.step_s:  # nothing to watch between steps: each row's end, found directly
             self.steps += 1
-            for row, w in zip(rows, words, strict=True):
+            ended: list[tuple[int, int, Completion]] = []
+            for i, (row, w) in enumerate(zip(rows, words, strict=True)):
                 if row.aborted:
                     row.drop()
                 else:
-                    row.finish(self._at_once(row, w))
+                    at, final = self._at_once(row, w)
+                    ended.append((at, i, final))
+            for _, i, final in sorted(ended, key=lambda e: (e[0], e[1])):  # as stepping delivers them
+                rows[i].finish(final)
             return
         live = list(range(len(rows)))
         step = 0
@@ -160,8 +164,8 @@ class FakeBackend(BackendBase, CodePoints):
             live = still
 
     @classmethod
-    def _at_once(cls, row: Row, words: list[str]) -> Completion:
-        """The completion stepping would give (``_step`` at each step until one ends the row), found
+    def _at_once(cls, row: Row, words: list[str]) -> tuple[int, Completion]:
+        """The step and completion stepping would give (``_step`` at each step until one ends the row), found
         with a few checks: the first step at which a stop token, a stop string or the answer, the end
         of the words or ``max_new_tokens`` ends it (the text's stop and answer are found once it holds
         them, so by bisection), and the watch fed up to there."""
@@ -182,10 +186,12 @@ class FakeBackend(BackendBase, CodePoints):
         if p.watch is not None and p.top_logprobs:
             for step in range(1, min(end, n) + 1):
                 if p.watch.feed(_top_row(words[step - 1], p.top_logprobs)):
-                    return cls._step(row, words, step, low=True)  # type: ignore[return-value]
+                    low = cls._step(row, words, step, low=True)
+                    assert low is not None
+                    return step, low
         done = cls._step(row, words, end, low=False)
         assert done is not None
-        return done
+        return end, done
 
     @staticmethod
     def _step(row: Row, words: list[str], step: int, low: bool | None = None) -> Completion | None:

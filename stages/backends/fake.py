@@ -3,12 +3,15 @@
 It follows the backend protocol exactly as the transformers adapter does: requests are micro-batched by
 the same ``BatchScheduler`` and a batch runs in one thread, one "decode step" per word of the scripted
 output (``step_s`` sleeps per step, so cancellation can be observed mid-generation), with stop strings,
-``max_new_tokens``, per-row abort and early delivery of finished rows. The prompt "tokens" are the code
-points of the user message, so a script can see the problem text. The n-th word of the output is token
-id n (from 1), so ``stop_token_ids=(3,)`` ends a completion at its third word (left out of the text, as
-vLLM leaves a stop token out); ``top_logprobs`` k gives each token -0.5, -1.0, ... (k values; DeepConf
-confidence 0.25 (k + 1)), and a word ending in ``?`` -0.1, -0.2, ... (a hesitant token: confidence
-0.05 (k + 1)), so a script can hold a low-confidence stretch for a request's ``watch`` to stop at.
+``max_new_tokens``, per-row abort and early delivery of finished rows (with no ``step_s`` a batch's rows
+are not stepped: each one's end is found directly, and they are delivered in the order stepping would
+deliver them, so the pipeline's own cost is what ``bench overhead`` measures). The prompt "tokens" are
+the code points of the user message, so a script can see the problem text. The n-th word of the output
+is token id n (from 1), so ``stop_token_ids=(3,)`` ends a completion at its third word (left out of the
+text, as vLLM leaves a stop token out); ``top_logprobs`` k gives each token -0.5, -1.0, ... (k values;
+DeepConf confidence 0.25 (k + 1)), and a word ending in ``?`` -0.1, -0.2, ... (a hesitant token:
+confidence 0.05 (k + 1)), so a script can hold a low-confidence stretch for a request's ``watch`` to
+stop at.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
-import sniffio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 
@@ -211,8 +210,10 @@ class BatchScheduler:
         if self._send is not None:
             raise BackendError("the backend is already serving another pipeline")
         self._send, receive = anyio.create_memory_object_stream[Row](self.max_pending)
-        if sniffio.current_async_library() == "asyncio":
+        try:  # on asyncio the model thread hands rows over without waiting; elsewhere, a round trip
             self._post = asyncio.get_running_loop().call_soon_threadsafe
+        except RuntimeError:
+            self._post = None
         batcher = MicroBatcher(
             receive,
             max_size=self.max_size,

@@ -84,12 +84,18 @@ def to_integer(answer: str) -> tuple[int | None, str | None]:
     s = _clean(answer)
     if len(s) > MAX_ANSWER_CHARS:  # int() refuses past 4,300 digits; no valid answer is that long
         return None, f"answer has {len(s):,} characters; too long to be an answer"
+    plain = _plain_integer(s)
+    return plain if plain is not None else _math_verify_integer(s)
+
+
+def _plain_integer(s: str) -> tuple[int | None, str | None] | None:
+    """A cleaned answer read as a plain number (``1,000``, ``12.0``), or ``None`` when it is not one."""
     if _PLAIN_INT.match(s):
         return int(s.replace(",", "")), None
     if _PLAIN_DEC.match(s):
         f = float(s)
         return (int(f), None) if f.is_integer() else (None, f"answer {s} is not an integer")
-    return _math_verify_integer(s)
+    return None
 
 
 def _math_verify_integer(s: str) -> tuple[int | None, str | None]:
@@ -130,17 +136,14 @@ def quick_check(
     j = text.find("}", i)
     if j < 0 or "{" in text[i + 1 : j] or j - i > 64:
         return None  # nested, unclosed or long: the full reading decides
-    s = _clean(text[i + 1 : j])
-    if _PLAIN_INT.match(s):
-        value = int(s.replace(",", ""))
-    elif _PLAIN_DEC.match(s):
-        f = float(s)
-        if not f.is_integer():
-            return None
-        value = int(f)
-    else:
+    extracted = text[i + 1 : j].strip()
+    plain = _plain_integer(_clean(extracted))
+    if plain is None:
         return None
-    return _ranged(value, text[i + 1 : j].strip(), modulus, lo, hi)
+    value, reason = plain
+    if value is None:
+        return None, extracted, reason
+    return _ranged(value, extracted, modulus, lo, hi)
 
 
 def _ranged(

@@ -235,7 +235,9 @@ class Inference:
                 if budget < 1:
                     out.finish = "length"
                     return
-                watch = ConfidenceWatch(out.track, gate) if gate is not None and out.track else None
+                watch = (
+                    ConfidenceWatch(out.track, gate) if gate is not None and out.track is not None else None
+                )
                 params = dialogue.shape(
                     self.params(encoded, index, round_, max_new_tokens=budget, watch=watch)
                 )
@@ -259,9 +261,9 @@ class Inference:
                     out.entropies = (out.entropies or []) + rows  # an empty or broken row: no figure
                     conf = [x for t in c.top_logprobs if (x := token_confidence(t)) is not None]
                     out.confidences = (out.confidences or []) + conf
-                    if out.track is not None:
-                        for row in c.top_logprobs:
-                            out.track.feed(row)
+                    if out.track is not None:  # the sample's running window, from the same figures
+                        for x in conf:
+                            out.track.add(x)
                 step = dialogue.take(c)
                 out.text = dialogue.text
                 if step == "done" or c.finish_reason == "confidence":

@@ -671,21 +671,13 @@ async def test_a_server_stream_stopped_inside_a_chunk_keeps_no_token_past_the_st
     # that sends several tokens per chunk (vLLM's --stream-interval, speculative decoding, SGLang) gives
     # a "confidence" completion that runs past the token the watch stopped at, unlike every other
     # backend (stop_in, vLLM in process, transformers): tokens counted that the stop should have saved.
-    from tests.test_openai_faults import Server, backend, chunk
+    from tests.test_openai_faults import Server, backend, chunk, start_events
 
     sure, hesitant = {"a": -0.5, "b": -1.0}, {"a": -0.1, "b": -0.2}  # confidence 0.75 and 0.15
 
     class Chunky(Server):
         async def complete(self, body, reader, writer) -> None:
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-            )
-
-            def event(payload: str) -> None:
-                data = f"data: {payload}\n\n".encode()
-                writer.write(b"%x\r\n" % len(data) + data + b"\r\n")
-
+            event = start_events(writer)
             rows = [sure, hesitant, sure, sure]
             lp = {"tokens": list("abcd"), "token_logprobs": [-0.5] * 4, "top_logprobs": rows}
             lp["text_offset"] = [0, 2, 4, 6]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -36,6 +37,20 @@ class Tok:
 def chunk(text: str, ids: list[int], finish: str | None = None, lp: Any = None, **extra: Any) -> dict:
     choice = {"index": 0, "text": text, "token_ids": ids, "logprobs": lp, "finish_reason": finish, **extra}
     return {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [choice]}
+
+
+def start_events(writer: asyncio.StreamWriter) -> Callable[[str], None]:
+    """Write a server-sent-events response's head; returns the function that writes one event."""
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+
+    def event(payload: str) -> None:
+        data = f"data: {payload}\n\n".encode()
+        writer.write(b"%x\r\n" % len(data) + data + b"\r\n")
+
+    return event
 
 
 class Server:
@@ -109,15 +124,7 @@ class Server:
                 )
                 await writer.drain()
                 return
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-            )
-
-            def event(payload: str) -> None:
-                data = f"data: {payload}\n\n".encode()
-                writer.write(b"%x\r\n" % len(data) + data + b"\r\n")
-
+            event = start_events(writer)
             lp = None
             if body.get("logprobs") is not None and mode != NO_LOGPROBS:
                 lp = {

@@ -275,7 +275,7 @@ class VllmBackend(ChatTokenizer, BackendBase):
                     k = request.params.top_logprobs
                     for d in rows[fed:]:
                         fed += 1
-                        if watch.feed(sorted((float(lp.logprob) for lp in d.values()), reverse=True)[:k]):
+                        if watch.feed(_top_row(d, k)):
                             return self.low_confidence(out.outputs[0], fed, request.params)
                 if request.params.stop_at_answer and out.outputs:
                     cut, how, _ = finish_text(out.outputs[0].text, (), at_answer=True)
@@ -338,12 +338,7 @@ class VllmBackend(ChatTokenizer, BackendBase):
                 logprobs = tuple(float(d[t].logprob) for d, t in pairs)
             if params.top_logprobs:
                 k = params.top_logprobs
-                # each position's dict holds the top k and the drawn token (an extra one when it
-                # ranks below k)
-                top = tuple(
-                    tuple(sorted((float(lp.logprob) for lp in d.values()), reverse=True)[:k])
-                    for d in out.logprobs
-                )
+                top = tuple(_top_row(d, k) for d in out.logprobs)
         return Completion(
             tuple(out.token_ids),
             out.text,
@@ -370,3 +365,9 @@ class VllmBackend(ChatTokenizer, BackendBase):
             # AsyncLLM.__del__ calls shutdown() again at interpreter exit, when the modules it needs are
             # already gone, and prints a TypeError: once is enough
             engine.shutdown = lambda *args, **kwargs: None
+
+
+def _top_row(position: Any, k: int) -> tuple[float, ...]:
+    """One position's ``k`` highest log-probabilities, highest first, from vLLM's dict of ``Logprob``s
+    (which also holds the drawn token when it ranks below ``k``)."""
+    return tuple(sorted((float(lp.logprob) for lp in position.values()), reverse=True)[:k])

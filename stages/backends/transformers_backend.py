@@ -37,6 +37,7 @@ from stages.backends.base import (
 )
 from stages.backends.models import resolve_model
 from stages.backends.scheduler import BatchScheduler, Row
+from stages.backends.token_rules import RowState, end_of_row, pick_tokens
 from stages.prompting import finish_text
 
 
@@ -121,135 +122,53 @@ def quantize_linear_int8(model: Any) -> Any:
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
-class _RowState:
-    """What the model thread keeps per row of a running batch."""
-
-    __slots__ = ("finished", "generator", "logprobs", "low", "stop_tail", "top")
-
-    def __init__(self, row: Row, device: str) -> None:
-        import torch
-
-        p = row.request.params
-        self.finished = False
-        self.generator: Any = None
-        if not p.greedy:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(p.seed)
-        self.logprobs: list[float] | None = [] if p.logprobs else None
-        self.top: list[tuple[float, ...]] | None = [] if p.top_logprobs else None
-        self.low = False  # the request's watch stopped it at the last token
-        # tokens to decode when looking for a stop string: enough to hold the longest one
-        self.stop_tail = max((len(s) for s in p.stop), default=0) + 4
-
-
 class _PickTokens:
-    """Logits processor: chooses each row's next token with that row's own settings.
+    """Logits processor: chooses each row's next token with that row's own settings (``pick_tokens``).
 
     The returned scores are ``-inf`` except at the chosen token, so ``generate``'s greedy step takes
-    exactly that token. Greedy rows take the arg-max; sampled rows draw from their own generator.
+    exactly that token.
     """
 
-    def __init__(self, rows: list[Row], states: list[_RowState]) -> None:
-        self.rows = rows
+    def __init__(self, states: list[RowState]) -> None:
         self.states = states
-        self.sampled = [i for i, r in enumerate(rows) if not r.request.params.greedy]
-        self.want_logprobs = any(s.logprobs is not None or s.top is not None for s in states)
-        self.top_k = max((r.request.params.top_logprobs for r in rows), default=0)
+        self.plain = all(s.generator is None and s.logprobs is None and s.top is None for s in states)
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        if not self.sampled and not self.want_logprobs:
+        tokens = pick_tokens(scores, self.states)
+        if self.plain:
             return scores  # all greedy: generate's own arg-max picks the same tokens
-        chosen = torch.argmax(scores, dim=-1)
-        for i in self.sampled:
-            state = self.states[i]
-            if state.finished:
-                continue
-            p = self.rows[i].request.params
-            probs = torch.softmax(scores[i].float() / p.temperature, dim=-1)
-            if p.min_p > 0:
-                probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs)
-                probs = probs / probs.sum()  # top-p below is on what min-p kept, as vLLM does
-            if p.top_p < 1:
-                sorted_p, order = torch.sort(probs, descending=True)
-                beyond = torch.cumsum(sorted_p, dim=-1) - sorted_p > p.top_p
-                probs = probs.scatter(0, order, torch.where(beyond, 0.0, sorted_p))
-            chosen[i] = torch.multinomial(probs, 1, generator=state.generator)[0]
-        if self.want_logprobs:
-            log_probs = torch.log_softmax(scores.float(), dim=-1)
-            picked = log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-            top = torch.topk(log_probs, self.top_k, dim=-1).values.tolist() if self.top_k else None
-            for i, (row, state) in enumerate(zip(self.rows, self.states, strict=True)):
-                if state.finished:
-                    continue
-                if state.logprobs is not None:
-                    state.logprobs.append(picked[i])
-                if state.top is not None and top is not None:
-                    state.top.append(row_top := tuple(top[i][: row.request.params.top_logprobs]))
-                    watch = row.request.params.watch
-                    if watch is not None and watch.feed(row_top):
-                        state.low = True
         out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, chosen.unsqueeze(1), 0.0)
+        out.scatter_(1, torch.tensor(tokens, device=scores.device).unsqueeze(1), 0.0)
         return out
 
 
 class _EndRows:
-    """Stopping criterion: ends each row at EOS, a stop string or its ``max_new_tokens``; delivers its
-    completion at once; drops rows whose caller has gone. The batch ends when every row has ended."""
+    """Stopping criterion: ends each row by ``end_of_row``; delivers its completion at once; drops rows
+    whose caller has gone. The batch ends when every row has ended."""
 
-    def __init__(self, backend: TransformersBackend, rows: list[Row], states: list[_RowState], width: int):
+    def __init__(self, backend: TransformersBackend, rows: list[Row], states: list[RowState]):
         self.backend = backend
         self.rows = rows
         self.states = states
-        self.width = width
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
         done = torch.zeros(len(self.rows), dtype=torch.bool, device=input_ids.device)
-        steps = input_ids.shape[1] - self.width
-        last = input_ids[:, -1].tolist()
         for i, (row, state) in enumerate(zip(self.rows, self.states, strict=True)):
             if not state.finished:
                 if row.aborted:
                     state.finished = True
                     row.drop()
                 else:
-                    completion = self._check(row, state, input_ids, i, last[i], steps)
+                    completion = end_of_row(self.backend, state)
                     if completion is not None:
                         state.finished = True
                         row.finish(completion)
             done[i] = state.finished
         return done
-
-    def _check(
-        self, row: Row, state: _RowState, input_ids: Any, i: int, last: int, steps: int
-    ) -> Completion | None:
-        p = row.request.params
-        b = self.backend
-        new = input_ids[i, self.width :].tolist()
-        if state.low:  # the watch wins at its token, whatever else ends there
-            return b.completion(new, "confidence", state.logprobs, top=state.top)
-        if last in b.eos_ids:
-            return b.completion(new, "eos", state.logprobs, top=state.top)
-        if last in p.stop_token_ids:
-            return b.completion(new, "token", state.logprobs, top=state.top, stop_token_ids=p.stop_token_ids)
-        if p.stop or p.stop_at_answer:
-            tail_ids = input_ids[i, max(self.width, input_ids.shape[1] - state.stop_tail) :].tolist()
-            tail = b.tokenizer.decode(tail_ids, skip_special_tokens=True)
-            if p.stop_at_answer and "}" in tail:
-                completion = b.completion(new, "answer", state.logprobs, p.stop, top=state.top)
-                if completion.finish_reason == "answer":
-                    return completion
-            if p.stop and any(s in tail for s in p.stop):
-                completion = b.completion(new, "stop", state.logprobs, p.stop, top=state.top)
-                if completion.stop_string is not None:
-                    return completion
-        if steps >= p.max_new_tokens:
-            return b.completion(new, "length", state.logprobs, top=state.top)
-        return None
 
 
 class TransformersBackend(ChatTokenizer, BackendBase):
@@ -379,8 +298,8 @@ class TransformersBackend(ChatTokenizer, BackendBase):
         import torch
         from transformers import GenerationConfig
 
-        ids, mask, width = left_pad([r.request.prompt_ids for r in rows], self.pad_id)
-        states = [_RowState(r, self.device) for r in rows]
+        ids, mask, _ = left_pad([r.request.prompt_ids for r in rows], self.pad_id)
+        states = [RowState(r.request.params, self.device) for r in rows]
         settings = GenerationConfig(
             max_new_tokens=max(r.request.params.max_new_tokens for r in rows),
             do_sample=False,
@@ -396,19 +315,18 @@ class TransformersBackend(ChatTokenizer, BackendBase):
             top_k=None,
         )
         with torch.inference_mode():
-            out = self.model.generate(
+            self.model.generate(
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 generation_config=settings,
-                logits_processor=[_PickTokens(rows, states)],
-                stopping_criteria=[_EndRows(self, rows, states, width)],
+                logits_processor=[_PickTokens(states)],
+                stopping_criteria=[_EndRows(self, rows, states)],
             )
-        new = out[:, width:].tolist()
-        for i, (row, state) in enumerate(zip(rows, states, strict=True)):
+        for row, state in zip(rows, states, strict=True):
             if not state.finished and not row.aborted:
                 state.finished = True
                 limit = row.request.params.max_new_tokens
-                row.finish(self.completion(new[i][:limit], "length", state.logprobs, top=state.top))
+                row.finish(self.completion(state.new[:limit], "length", state.logprobs, top=state.top))
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """CUDA out-of-memory, or the CPU allocator failing."""

@@ -69,7 +69,9 @@ def load_backend(cfg: Config) -> Backend:
         return OpenAIBackend.load(cfg)
     from stages.backends.transformers_backend import TransformersBackend
 
-    return TransformersBackend.load(m.path, device=m.device, dtype=m.dtype, quantize=m.quantize)
+    return TransformersBackend.load(
+        m.path, device=m.device, dtype=m.dtype, quantize=m.quantize, batching=cfg.batch.mode
+    )
 
 
 def open_backend(cfg: Config, backend: Backend | None = None) -> tuple[Backend, MemoryPlan | None]:

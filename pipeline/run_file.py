@@ -55,7 +55,10 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
         out["cuda_max_allocated_mib"] = metrics["memory"]["cuda_max_allocated_mib"]
     if "batches" in metrics:
         b = metrics["batches"]
-        out["batch_fill"] = f"{b['prompt_fill']} (mean {b['mean_rows']} rows in {b['batches']} batches)"
+        if "steps" in b:  # continuous batching: no batches, a step at a time
+            out["batch_fill"] = f"continuous: mean {b['mean_rows']} requests per step over {b['steps']} steps"
+        else:
+            out["batch_fill"] = f"{b['prompt_fill']} (mean {b['mean_rows']} rows in {b['batches']} batches)"
     peaks = {k: f"{q['peak']}/{q['capacity']:g}" for k, q in metrics["queues"].items()}
     out["queue_peaks"] = ", ".join(f"{k} {v}" for k, v in peaks.items())
     waits = metrics["waits_s"]

@@ -1,16 +1,21 @@
-"""The default backend: a Hugging Face transformers causal LM behind a micro-batching scheduler.
+"""The default backend: a Hugging Face transformers causal LM, on one of two engines.
 
-Requests are micro-batched (``stages.backends.scheduler``: size, token cap, wait, length grouping) and
-a batch runs as one left-padded ``model.generate`` in one thread. Each request keeps its own settings
-inside the shared batch: a logits processor picks every row's token itself (greedy, or sampled with
-the row's temperature, top-p, min-p and its own seeded generator, so a sample does not depend on what
-it was batched with) and records log-probabilities; a stopping criterion ends each row at its EOS, stop
-string or ``max_new_tokens``, delivers its completion at once, and drops rows whose caller has gone,
-which ends the batch when all its rows are gone.
+``continuous`` (the default; ``stages.backends.continuous``): transformers' own paged continuous
+batching; a request joins the running batch at the next decode step and leaves it the step after it
+ends, and requests sharing a prompt prefix share its cache blocks. ``static`` (``--batching static``):
+requests are micro-batched (``stages.backends.scheduler``: size, token cap, wait, length grouping) and
+a batch runs as one left-padded ``model.generate`` in one thread; a stopping criterion delivers each
+row as it ends and drops rows whose caller has gone, ending the batch when all its rows are gone.
+
+On both, each request keeps its own settings (``stages.backends.token_rules``): every row's token is
+picked with the row's own rules (greedy, or sampled with its temperature, top-p, min-p and its own
+seeded generator, so a sample does not depend on what it was batched with), with log-probabilities,
+top-k rows, stop strings, stop tokens, the boxed answer and the confidence watch.
 
 Reproducibility: a seeded sample draws the same random numbers whatever its batch, but the logits
 themselves can differ in the last bits with the batch's padding and shape (most visibly in bf16), so a
-rerun is identical only with the same batching; float32 on CPU was identical in our tests.
+rerun is identical only with the same batching; float32 on CPU was identical in our tests (and
+between the two engines).
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ from stages.backends.base import (
     Request,
     kv_bytes_per_token,
 )
+from stages.backends.continuous import ContinuousEngine
 from stages.backends.models import resolve_model
-from stages.backends.scheduler import BatchScheduler, Row
+from stages.backends.scheduler import BatchScheduler, Row, SchedulerStats
 from stages.backends.token_rules import RowState, end_of_row, pick_tokens
 from stages.prompting import finish_text
 
@@ -174,7 +180,16 @@ class _EndRows:
 class TransformersBackend(ChatTokenizer, BackendBase):
     """A causal LM from a local folder. Build it with ``TransformersBackend.load``."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, device: str, dtype: str, model_id: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        device: str,
+        dtype: str,
+        model_id: str,
+        batching: str = "continuous",
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
@@ -191,14 +206,23 @@ class TransformersBackend(ChatTokenizer, BackendBase):
             self.eos_ids.update(gen_eos)
         pad = tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else min(self.eos_ids)
+        self.batching = batching
         self.scheduler = BatchScheduler(self._run_batch, is_out_of_memory=self.is_out_of_memory)
+        self.engine: ContinuousEngine | None = ContinuousEngine(self) if batching == "continuous" else None
 
     @classmethod
     def load(
-        cls, path: str | None, *, device: str = "auto", dtype: str = "auto", quantize: str = "none"
+        cls,
+        path: str | None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantize: str = "none",
+        batching: str = "continuous",
     ) -> TransformersBackend:
         """Load a model (blocking; seconds). ``path`` as in ``resolve_model``; ``quantize`` as in
-        ``ModelConfig``.
+        ``ModelConfig``; ``batching``: ``continuous`` (transformers' paged continuous batching,
+        ``stages.backends.continuous``) or ``static`` (the micro-batcher, one ``generate`` per batch).
 
         Raises:
             BackendError: the model is missing, is not a model, cannot be loaded, or the quantisation
@@ -233,7 +257,7 @@ class TransformersBackend(ChatTokenizer, BackendBase):
             raise BackendError(f"cannot load the model from {folder}: {e}") from e
         if quantize in ("int8", "int4"):
             model_id = f"{model_id}|{quantize}"
-        return cls(model, tokenizer, device=device, dtype=dtype, model_id=model_id)
+        return cls(model, tokenizer, device=device, dtype=dtype, model_id=model_id, batching=batching)
 
     @property
     def folder(self) -> Path:
@@ -241,12 +265,20 @@ class TransformersBackend(ChatTokenizer, BackendBase):
         return Path(self.model.name_or_path)
 
     def configure(self, *, max_batch_size: int, max_wait_s: float, max_batch_tokens: int | None) -> None:
-        """Set the micro-batcher's limits (before ``serve``)."""
+        """Set the batching limits (before ``serve``): continuous batching takes the batch size as the
+        most requests per step and the token cap as a cap on its paged cache; ``max_wait_s`` is the
+        micro-batcher's alone."""
         self.scheduler.configure(max_size=max_batch_size, max_wait_s=max_wait_s, max_tokens=max_batch_tokens)
+        if self.engine is not None:
+            self.engine.max_requests = max_batch_size
+            self.engine.kv_tokens = max_batch_tokens
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run the micro-batching loop until cancelled."""
-        await self.scheduler.serve(task_status=task_status)
+        """Run the engine (continuous batching, or the micro-batching loop) until cancelled."""
+        if self.engine is not None:
+            await self.engine.serve(task_status=task_status)
+        else:
+            await self.scheduler.serve(task_status=task_status)
 
     async def generate(self, request: Request) -> Completion:
         """Generate for one request (batched with others); cancelling aborts it within a decode step.
@@ -255,6 +287,8 @@ class TransformersBackend(ChatTokenizer, BackendBase):
             BackendError: the backend is not serving, or the request did not fit in memory alone.
             Exception: the model raised for this request.
         """
+        if self.engine is not None:
+            return await self.engine.generate(request)
         return await self.scheduler.generate(request)
 
     def completion(
@@ -349,8 +383,20 @@ class TransformersBackend(ChatTokenizer, BackendBase):
         return MemoryProfile(weights_bytes=weights, kv_bytes_per_token=kv)
 
     def statistics(self) -> dict[str, Any] | None:
-        """The micro-batcher's figures (``None`` before its first batch)."""
+        """The engine's figures (``None`` before its first request)."""
+        if self.engine is not None:
+            return self.engine.statistics()
         return self.scheduler.statistics()
+
+    @property
+    def stats(self) -> SchedulerStats:
+        """The engine's counters (rows, tokens, aborts and their latencies)."""
+        return self.engine.stats if self.engine is not None else self.scheduler.stats
+
+    @property
+    def busy(self) -> int:
+        """Requests the engine is still computing (or holding) now."""
+        return self.engine.busy if self.engine is not None else len(self.scheduler.running)
 
     def close(self) -> None:
         """Drop the model and free accelerator memory."""

@@ -7,7 +7,9 @@ Workloads (GSM8K problems, the default model, float32 on CPU, ``--max-new-tokens
 - ``sampled``: ``--samples`` seeded samples per problem at temperature 0.7;
 - ``tir``: the same samples with ``--prompt tir`` (code cells run in the sandbox between rounds).
 
-Rows: ``pipeline <backend> <workload>`` (the whole pipeline, first problem in to last result out), and
+Rows: ``pipeline <backend> <workload>`` (the whole pipeline, first problem in to last result out; the
+transformers backend on its default continuous batching, and again as ``pipeline transformers static``
+on the micro-batcher, the same loaded model), and
 the references: ``vllm offline <workload>`` (vLLM's ``LLM.generate`` over every prompt at once, one
 request per sample with its own seed, the same engine settings as the backend: its best case), and
 ``transformers continuous batching <workload>`` (the pinned transformers' ``generate_batch``, its
@@ -184,12 +186,11 @@ def main() -> None:
         pipeline, problems[:2], tb, replace_tokens(config(args, "transformers", "greedy"), 4), "warm-up"
     )
     if "transformers" in backends:
+        static = static_twin(tb)
         for w in workloads:
-            show(
-                anyio.run(
-                    pipeline, problems, tb, config(args, "transformers", w), f"pipeline transformers {w}"
-                )
-            )
+            cfg = config(args, "transformers", w)
+            show(anyio.run(pipeline, problems, tb, cfg, f"pipeline transformers {w}"))
+            show(anyio.run(pipeline, problems, static, cfg, f"pipeline transformers static {w}"))
         for w in (w for w in workloads if w != "tir"):
             cfg = config(args, "transformers", w)
             show(continuous_batching(problems, tb, cfg, f"transformers continuous batching {w}"))
@@ -214,6 +215,7 @@ def main() -> None:
     for w in workloads:
         for a, b in (
             (f"pipeline vllm {w}", f"vllm offline {w}"),
+            (f"pipeline transformers {w}", f"pipeline transformers static {w}"),
             (f"pipeline transformers {w}", f"transformers continuous batching {w}"),
             (f"pipeline vllm {w}", f"pipeline transformers {w}"),
         ):
@@ -225,6 +227,20 @@ def main() -> None:
     (out / "sampling.json").write_text(json.dumps(report, indent=1))
     (out / "sampling.md").write_text(markdown(report))
     print(json.dumps(ratios, indent=1))
+
+
+def static_twin(backend: Any) -> Any:
+    """The transformers backend's loaded model on the static micro-batcher (``--batching static``)."""
+    from stages.backends.transformers_backend import TransformersBackend
+
+    return TransformersBackend(
+        backend.model,
+        backend.tokenizer,
+        device=backend.device,
+        dtype=backend.dtype,
+        model_id="static",
+        batching="static",
+    )
 
 
 def replace_tokens(cfg: Config, n: int) -> Config:

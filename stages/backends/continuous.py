@@ -315,7 +315,10 @@ class ContinuousEngine:
         )
         if added is None:
             self.seqs.pop(rid, None)
-            raise BackendError("the continuous batching engine refused the request (it is stopping or died)")
+            fatal = manager.background_thread_status.fatal_error
+            if fatal is not None:
+                raise BackendError(f"the continuous batching engine died: {fatal}")
+            raise BackendError("the continuous batching engine is stopping: it takes no new requests")
         try:
             await row._event.wait()
         except BaseException:

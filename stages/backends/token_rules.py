@@ -40,18 +40,56 @@ class RowState:
         self.stop_tail = max((len(s) for s in params.stop), default=0) + 4
 
 
-def _sample(scores: Any, p: SamplingParams, generator: Any) -> Any:
+NUCLEUS_K = 64
+"""Sampled rows look for their top-p nucleus among their 64 most likely tokens first (one ``topk``
+instead of a sort of the whole vocabulary); a row whose nucleus is wider is sorted whole."""
+
+
+def _sample_rows(scores: Any, rows: list[RowState]) -> list[int]:
+    """One token per sampled row (``scores``: those rows' logits), drawn with the row's own settings.
+
+    Temperature, then min-p (relative to the most likely token), then top-p on what min-p kept (as
+    vLLM does); then one uniform number from the row's own generator picks the token by inverse CDF, so
+    a seeded row draws the same whatever it is batched with. Vectorised over the rows.
+    """
     import torch
 
-    probs = torch.softmax(scores.float() / p.temperature, dim=-1)
-    if p.min_p > 0:
-        probs = torch.where(probs < p.min_p * probs.max(), 0.0, probs)
-        probs = probs / probs.sum()  # top-p below is on what min-p kept, as vLLM does
-    if p.top_p < 1:
-        sorted_p, order = torch.sort(probs, descending=True)
-        beyond = torch.cumsum(sorted_p, dim=-1) - sorted_p > p.top_p
-        probs = probs.scatter(0, order, torch.where(beyond, 0.0, sorted_p))
-    return torch.multinomial(probs, 1, generator=generator)[0]
+    n, vocab = scores.shape
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32).unsqueeze(1)
+    probs = torch.softmax(scores.float() / temps.to(scores.device), dim=-1)
+    min_p = torch.tensor([r.params.min_p for r in rows], dtype=torch.float32, device=scores.device)
+    if bool((min_p > 0).any()):
+        floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = torch.where(probs < floor, 0.0, probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    u = torch.stack([torch.rand((), generator=r.generator, device=r.generator.device) for r in rows])
+    u = u.to(scores.device).unsqueeze(1)
+    top_p = torch.tensor([r.params.top_p for r in rows], dtype=torch.float32, device=scores.device).unsqueeze(
+        1
+    )
+    out = torch.empty(n, dtype=torch.long, device=scores.device)
+    whole = (top_p >= 1).squeeze(1)
+    if bool(whole.any()):  # no nucleus: the whole distribution
+        cdf = probs[whole].cumsum(dim=-1)
+        j = torch.searchsorted(cdf, u[whole] * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
+        out[whole] = j.squeeze(1)
+    rest = ~whole
+    if bool(rest.any()):
+        k = min(NUCLEUS_K, vocab)
+        vals, idx = probs[rest].topk(k, dim=-1)  # sorted, most likely first
+        p_rest = top_p[rest]
+        if k < vocab:  # a nucleus wider than k: sort that row whole
+            wide = (vals.sum(dim=-1, keepdim=True) <= p_rest).squeeze(1)
+            if bool(wide.any()):
+                vals_w, idx_w = torch.sort(probs[rest][wide], descending=True)
+                vals = torch.cat([vals, vals.new_zeros(vals.shape[0], vocab - k)], dim=1)
+                idx = torch.cat([idx, idx.new_zeros(idx.shape[0], vocab - k)], dim=1)
+                vals[wide], idx[wide] = vals_w, idx_w
+        kept = torch.where(vals.cumsum(dim=-1) - vals > p_rest, 0.0, vals)
+        cdf = kept.cumsum(dim=-1)
+        j = torch.searchsorted(cdf, u[rest] * cdf[:, -1:], right=True).clamp_(max=cdf.shape[1] - 1)
+        out[rest] = idx.gather(1, j).squeeze(1)
+    return out.tolist()
 
 
 def pick_tokens(scores: Any, states: Sequence[RowState | None]) -> list[int]:
@@ -62,9 +100,11 @@ def pick_tokens(scores: Any, states: Sequence[RowState | None]) -> list[int]:
 
     chosen = torch.argmax(scores, dim=-1)
     live = [(i, s) for i, s in enumerate(states) if s is not None and not s.finished]
-    for i, s in live:
-        if s.generator is not None:
-            chosen[i] = _sample(scores[i], s.params, s.generator)
+    sampled = [(i, s) for i, s in live if s.generator is not None]
+    if sampled:
+        at = [i for i, _ in sampled]
+        drawn = _sample_rows(scores[at], [s for _, s in sampled])
+        chosen[at] = torch.tensor(drawn, device=chosen.device)
     want = [(i, s) for i, s in live if s.logprobs is not None or s.top is not None]
     if want:
         top_k = max(s.params.top_logprobs for _, s in want)

@@ -1,0 +1,184 @@
+"""The transformers backend's continuous batching engine, with the real model (float32, CPU)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import anyio
+import pytest
+
+from pipeline import Pipeline
+from stages.backends.base import Backend, BackendError, Request, SamplingParams
+from stages.backends.transformers_backend import TransformersBackend
+from tests.conftest import small_config
+
+STORY = [{"role": "user", "content": "Write a very long story about a dragon."}]
+
+
+def _static_twin(real: Any) -> TransformersBackend:
+    """The same loaded model and tokenizer on the static micro-batcher."""
+    return TransformersBackend(
+        real.model, real.tokenizer, device=real.device, dtype=real.dtype, model_id="twin", batching="static"
+    )
+
+
+async def _all(backend: Backend, requests: list[Request]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    async def one(r: Request) -> None:
+        out[r.id] = await backend.generate(r)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(backend.serve)
+        async with anyio.create_task_group() as inner:
+            for r in requests:
+                inner.start_soon(one, r)
+        tg.cancel_scope.cancel()
+    return out
+
+
+def test_the_default_transformers_backend_batches_continuously(real_backend: Any):
+    assert real_backend.batching == "continuous" and real_backend.engine is not None
+
+
+async def test_both_engines_give_the_same_tokens_greedy_and_seeded(real_backend: Any):
+    # float32 on CPU: the paged engine's logits equal the padded batch's, so every row's token is the
+    # same, sampled ones included (each request draws from its own seeded generator)
+    prompts = [
+        tuple(real_backend.encode([{"role": "user", "content": f"What is {i} + {2 * i}? Think it through."}]))
+        for i in range(6)
+    ]
+    reqs = []
+    for i, p in enumerate(prompts):
+        reqs.append(Request(f"g{i}", p, SamplingParams(max_new_tokens=24 + 4 * i, logprobs=True)))
+        sampled = SamplingParams(max_new_tokens=24, greedy=False, temperature=0.8, top_p=0.9, seed=i)
+        reqs.append(Request(f"s{i}", p, sampled))
+    with anyio.fail_after(240):
+        cont = await _all(real_backend, reqs)
+        static = await _all(_static_twin(real_backend), reqs)
+    for r in reqs:
+        assert cont[r.id].token_ids == static[r.id].token_ids, r.id
+        assert cont[r.id].finish_reason == static[r.id].finish_reason
+    assert cont["g0"].logprobs == pytest.approx(static["g0"].logprobs, abs=1e-3)
+    assert len({cont[f"s{i}"].text for i in range(6)}) > 1
+
+
+async def test_a_cancelled_request_leaves_the_continuous_batch_at_the_next_step(real_backend: Any):
+    engine = real_backend.engine
+    story = tuple(real_backend.encode(STORY))
+    long = SamplingParams(max_new_tokens=3000)
+    before = len(engine.abort_steps)
+    with anyio.fail_after(120):  # 2 x 3,000 tokens would take many minutes on a CPU
+        async with anyio.create_task_group() as tg:
+            await tg.start(real_backend.serve)
+            kept: list[Any] = []
+
+            async def keep() -> None:
+                kept.append(
+                    await real_backend.generate(Request("kept", story, replace(long, max_new_tokens=60)))
+                )
+
+            tg.start_soon(keep)
+            with anyio.move_on_after(3.0):  # both decode together for a while, then "gone" is cancelled
+                await real_backend.generate(Request("gone", story, long))
+            at_cancel = engine.steps
+            while len(engine.abort_steps) == before:
+                await anyio.sleep(0.001)
+            while not kept:  # the other request goes on decoding to its own end
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert at_cancel > 5
+    assert engine.abort_steps[-1] <= 1  # computed in at most the step already under way
+    assert kept[0].finish_reason in ("length", "eos") and kept[0].new_tokens >= 1
+    assert engine.steps > at_cancel and real_backend.busy == 0
+
+
+async def test_stop_strings_and_answers_end_rows_inside_the_continuous_batch(real_backend: Any):
+    p = tuple(real_backend.encode([{"role": "user", "content": "Count from 1 to 30, separated by commas."}]))
+    with anyio.fail_after(120):
+        free = (await _all(real_backend, [Request("free", p, SamplingParams(max_new_tokens=60))]))["free"]
+        stop = free.text[10:13]
+        out = await _all(
+            real_backend,
+            [
+                Request("stopped", p, SamplingParams(max_new_tokens=60, stop=(stop,))),
+                Request("free2", p, SamplingParams(max_new_tokens=60)),
+            ],
+        )
+        stopped = out["stopped"]
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[: free.text.find(stop)]
+    assert out["free2"].token_ids == free.token_ids  # the row beside it was not disturbed
+    assert real_backend.busy == 0
+
+
+async def test_tir_rounds_run_on_the_continuous_engine_with_the_real_sandbox(real_backend: Any):
+    # The prefill opens a code cell, so the model's first round closes it, the sandbox runs it, and
+    # the next round is a longer prompt that starts with the first one (its cache blocks are shared)
+    seen: list[Request] = []
+
+    class Spy:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        async def serve(self, *, task_status: Any) -> None:
+            await self.inner.serve(task_status=task_status)
+
+        async def generate(self, request: Request) -> Any:
+            seen.append(request)
+            return await self.inner.generate(request)
+
+        def close(self) -> None:
+            pass
+
+    cfg = small_config(
+        generation={"prompt_style": "tir", "samples": 2, "max_new_tokens": 64, "max_rounds": 3},
+        prompt={"prefill": "I will compute it.\n```python\nprint(123 * 45)\n"},
+    )
+    async with Pipeline(cfg, backend=Spy(real_backend)) as p:  # type: ignore[arg-type]
+        with anyio.fail_after(300):
+            r = await p.solve({"id": "a", "problem": "What is 123 * 45?", "answer": 5535})
+    later = [q for q in seen if q.round >= 1]
+    assert later, [q.round for q in seen]
+    first = next(q for q in seen if q.round == 0 and q.sample == later[0].sample)
+    assert later[0].prompt_ids[: len(first.prompt_ids)] == first.prompt_ids
+    assert "5535" in real_backend.tokenizer.decode(list(later[0].prompt_ids))
+    assert sum(r.finish.values()) == 2 and real_backend.busy == 0
+
+
+async def test_generate_before_serve_and_after_a_stop_is_a_clear_error(real_backend: Any):
+    p = tuple(real_backend.encode(STORY))
+    with pytest.raises(BackendError, match="not serving"):
+        await real_backend.generate(Request("x", p, SamplingParams(max_new_tokens=2)))
+
+
+async def test_a_dead_engine_fails_its_waiting_requests_and_refuses_new_ones(real_backend: Any):
+    engine = real_backend.engine
+    story = tuple(real_backend.encode(STORY))
+    calls = {"n": 0}
+    original = engine.choose
+
+    def explode(order: list[str], scores: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated device fault")
+        return original(order, scores)
+
+    engine.choose = explode
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                await tg.start(real_backend.serve)
+                with pytest.raises(BackendError, match="simulated device fault"):
+                    await real_backend.generate(Request("a", story, SamplingParams(max_new_tokens=50)))
+                with pytest.raises(BackendError, match="died"):
+                    await real_backend.generate(Request("b", story, SamplingParams(max_new_tokens=5)))
+                tg.cancel_scope.cancel()
+    finally:
+        del engine.choose
+    # served again, it starts a new manager and answers
+    out = await _all(real_backend, [Request("c", story, SamplingParams(max_new_tokens=3))])
+    assert out["c"].new_tokens == 3

@@ -155,30 +155,63 @@ async def test_generate_before_serve_and_after_a_stop_is_a_clear_error(real_back
         await real_backend.generate(Request("x", p, SamplingParams(max_new_tokens=2)))
 
 
-async def test_a_dead_engine_fails_its_waiting_requests_and_refuses_new_ones(real_backend: Any):
+async def test_a_dead_engine_fails_what_it_held_restarts_and_at_last_refuses(real_backend: Any):
     engine = real_backend.engine
     story = tuple(real_backend.encode(STORY))
-    calls = {"n": 0}
     original = engine.choose
+    faults = {"left": 1}
 
     def explode(order: list[str], scores: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 3:
+        if faults["left"] > 0:
+            faults["left"] -= 1
             raise RuntimeError("simulated device fault")
         return original(order, scores)
 
+    async def until_restarted(n: int) -> None:
+        while engine.restarts < n or engine._manager is None or not engine._manager.is_running():
+            await anyio.sleep(0.01)
+
     engine.choose = explode
     try:
-        with anyio.fail_after(60):
+        with anyio.fail_after(120):
             async with anyio.create_task_group() as tg:
                 await tg.start(real_backend.serve)
                 with pytest.raises(BackendError, match="simulated device fault"):
                     await real_backend.generate(Request("a", story, SamplingParams(max_new_tokens=50)))
-                with pytest.raises(BackendError, match="died"):
-                    await real_backend.generate(Request("b", story, SamplingParams(max_new_tokens=5)))
+                await until_restarted(1)  # a new manager answers the next request
+                ok = await real_backend.generate(Request("b", story, SamplingParams(max_new_tokens=3)))
+                assert ok.new_tokens == 3
+                faults["left"] = engine.MAX_RESTARTS  # it dies again and again: the last death is final
+                for n in range(engine.MAX_RESTARTS):
+                    with pytest.raises(BackendError, match="simulated device fault"):
+                        await real_backend.generate(Request(f"c{n}", story, SamplingParams(max_new_tokens=5)))
+                    if n + 2 <= engine.MAX_RESTARTS:
+                        await until_restarted(n + 2)
+                while engine._died is None:
+                    await anyio.sleep(0.01)
+                with pytest.raises(BackendError, match="died: simulated device fault"):
+                    await real_backend.generate(Request("d", story, SamplingParams(max_new_tokens=5)))
                 tg.cancel_scope.cancel()
     finally:
         del engine.choose
-    # served again, it starts a new manager and answers
-    out = await _all(real_backend, [Request("c", story, SamplingParams(max_new_tokens=3))])
-    assert out["c"].new_tokens == 3
+    # served again, it starts afresh and answers
+    out = await _all(real_backend, [Request("e", story, SamplingParams(max_new_tokens=3))])
+    assert out["e"].new_tokens == 3 and real_backend.busy == 0
+
+
+async def test_a_request_larger_than_the_paged_cache_is_refused_by_name(real_backend: Any):
+    engine = real_backend.engine
+    saved = engine.kv_tokens
+    engine.kv_tokens = 512
+    try:
+        story = tuple(real_backend.encode(STORY))
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                await tg.start(real_backend.serve)
+                with pytest.raises(BackendError, match=r"needs 1[0-9]+ tokens of cache .* holds 512"):
+                    await real_backend.generate(Request("big", story, SamplingParams(max_new_tokens=1000)))
+                small = await real_backend.generate(Request("small", story, SamplingParams(max_new_tokens=4)))
+                tg.cancel_scope.cancel()
+    finally:
+        engine.kv_tokens = saved
+    assert small.new_tokens == 4

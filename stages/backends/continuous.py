@@ -17,7 +17,9 @@ gone is cancelled the same way (and skipped by ``_Choose`` if it is in the step 
 
 Faults: the manager's thread catches its own errors and fails every request it holds; a supervisor
 thread reads those failures (and the manager's finished outputs, so none pile up) and hands each
-waiting caller a ``BackendError``; once the manager has died, new requests fail at once with its error.
+waiting caller a ``BackendError``. When the manager's thread dies (an error in a step, out of memory),
+every request it held fails with that error and a new manager starts for the requests after them, up
+to ``MAX_RESTARTS`` times a serve; after that new requests fail at once with the error.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class ContinuousEngine:
     """
 
     DEFAULT_KV_TOKENS = 16384
+    MAX_RESTARTS = 3
 
     def __init__(
         self,
@@ -124,6 +127,7 @@ class ContinuousEngine:
         self._supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
         self._died: BaseException | None = None
+        self.restarts = 0  # managers started again after one died, this serve
 
     # ---- the manager's thread ---------------------------------------------------------------------
 
@@ -134,11 +138,13 @@ class ContinuousEngine:
         self.steps += 1
         self.rows_stepped += len(order)
         if self._aborting:
+            aborting = dict(self._aborting)  # one copy: the event loop adds to it meanwhile
             present = set(order)
-            for rid in [r for r in self._aborting if r not in present]:
-                self._left(rid)
-            for rid in present.intersection(self._aborting):
-                self._aborting[rid].after_abort += 1
+            for rid, gone in aborting.items():
+                if rid in present:
+                    gone.after_abort += 1
+                else:
+                    self._left(rid)
         seqs = [self.seqs.get(rid) for rid in order]
         states: list[RowState | None] = [
             None if seq is None or seq.state.finished else seq.state for seq in seqs
@@ -186,9 +192,7 @@ class ContinuousEngine:
                 "use --batching static"
             ) from e
         b = self.backend
-        kv = max(self.DEFAULT_KV_TOKENS, b.max_context)
-        if self.kv_tokens is not None:
-            kv = min(kv, self.kv_tokens)
+        kv = self.cache_tokens
         blocks = max(4, -(-kv // self.page_size))
         settings = GenerationConfig(
             do_sample=False,
@@ -220,6 +224,12 @@ class ContinuousEngine:
         self._manager = manager
 
     @property
+    def cache_tokens(self) -> int:
+        """The paged cache's size in tokens: ``min(kv_tokens, max(16384, the model's context))``."""
+        kv = max(self.DEFAULT_KV_TOKENS, self.backend.max_context)
+        return kv if self.kv_tokens is None else max(self.page_size, min(kv, self.kv_tokens))
+
+    @property
     def busy(self) -> int:
         """Requests the engine holds: running, waiting, or cancelled and not yet seen to leave."""
         return len(self.seqs) + len(self._aborting)
@@ -233,6 +243,7 @@ class ContinuousEngine:
         await anyio.to_thread.run_sync(self.start)
         self._stopping.clear()
         self._died = None
+        self.restarts = 0
         self._supervisor = threading.Thread(target=self._supervise, name="cb-supervisor", daemon=True)
         self._supervisor.start()
         task_status.started()
@@ -242,14 +253,18 @@ class ContinuousEngine:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._shutdown)
 
+    @staticmethod
+    def _discard(manager: Any) -> None:
+        manager.stop(block=True, timeout=30)
+        destroy = getattr(manager.model, "destroy_cached_continuous_batching_manager", None)
+        if destroy is not None:
+            destroy()
+
     def _shutdown(self) -> None:
         self._stopping.set()
         manager, self._manager = self._manager, None
         if manager is not None:
-            manager.stop(block=True, timeout=30)
-            destroy = getattr(manager.model, "destroy_cached_continuous_batching_manager", None)
-            if destroy is not None:
-                destroy()
+            self._discard(manager)
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
             self._supervisor = None
@@ -266,10 +281,19 @@ class ContinuousEngine:
                     for rid in list(self._aborting):
                         self._left(rid)
                 if not manager.is_running() and not self._stopping.is_set():
-                    fatal = manager.background_thread_status.fatal_error
-                    self._died = fatal or RuntimeError("its thread stopped")
-                    self._fail_all(BackendError(f"the continuous batching engine died: {self._died}"))
-                    return
+                    fatal = manager.background_thread_status.fatal_error or RuntimeError("its thread stopped")
+                    self._fail_all(BackendError(f"the continuous batching engine died: {fatal}"))
+                    if self.restarts >= self.MAX_RESTARTS:
+                        self._died = fatal
+                        return
+                    self.restarts += 1  # what it held has failed; later requests get a new manager
+                    try:
+                        self._discard(manager)
+                        self.start()
+                    except BackendError as e:
+                        self._died = e
+                        return
+                    manager = self._manager
                 continue
             error = getattr(out, "error", None)
             if error:
@@ -300,11 +324,18 @@ class ContinuousEngine:
             raise BackendError("the backend is not serving: it was stopped or never started")
         if self._died is not None:
             raise BackendError(f"the continuous batching engine died: {self._died}")
+        p = request.params
+        need = len(request.prompt_ids) + p.max_new_tokens
+        if need > self.cache_tokens:
+            raise BackendError(
+                f"the request needs {need} tokens of cache (prompt {len(request.prompt_ids)} + "
+                f"max_new_tokens {p.max_new_tokens}) and the continuous engine's paged cache holds "
+                f"{self.cache_tokens}: raise --max-batch-tokens or --memory-budget, or lower --max-new-tokens"
+            )
         rid = f"r{next(self._ids)}"
         row = Row(request, self.stats, self._post)
         seq = _Seq(rid, row, RowState(request.params, self.backend.device))
         self.seqs[rid] = seq
-        p = request.params
         self.stats.rows += 1
         self.stats.prompt_tokens += len(request.prompt_ids)
         added = manager.add_request(

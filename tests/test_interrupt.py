@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.model
 
 ROOT = Path(__file__).resolve().parents[1]
-N = 30
+N = 16
 
 
 def write_input(path: Path) -> list[str]:
@@ -37,7 +37,7 @@ def start(inp: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
         "--max-new-tokens",
         "24",
         "--batch-size",
-        "2",
+        "4",
         "--max-in-flight",
         "4",
         "--dtype",

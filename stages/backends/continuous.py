@@ -128,6 +128,7 @@ class ContinuousEngine:
         self._stopping = threading.Event()
         self._died: BaseException | None = None
         self.restarts = 0  # managers started again after one died, this serve
+        self._started_with: tuple[int, int] | None = None
 
     # ---- the manager's thread ---------------------------------------------------------------------
 
@@ -213,6 +214,7 @@ class ContinuousEngine:
             use_cuda_graph=False if b.device == "cpu" else None,
             allow_block_sharing=True,
         )
+        self._started_with = (self.max_requests, kv)
         try:
             manager = b.model.init_continuous_batching(
                 generation_config=settings, continuous_batching_config=cb
@@ -240,7 +242,7 @@ class ContinuousEngine:
             self._post = asyncio.get_running_loop().call_soon_threadsafe
         except RuntimeError as e:
             raise BackendError("continuous batching runs on asyncio") from e
-        await anyio.to_thread.run_sync(self.start)
+        await anyio.to_thread.run_sync(self.prepare)
         self._stopping.clear()
         self._died = None
         self.restarts = 0
@@ -253,9 +255,38 @@ class ContinuousEngine:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._shutdown)
 
+    def prepare(self) -> None:
+        """Have a manager running with the current settings (blocking: start it, or start it again
+        when the settings changed). ``configure`` calls this while the model loads, so the first
+        request does not wait for the paged cache to be allocated.
+
+        Raises:
+            BackendError: as ``start``.
+        """
+        manager = self._manager
+        if manager is not None and manager.is_running():
+            if self._started_with == (self.max_requests, self.cache_tokens):
+                return
+        if manager is not None:
+            self._manager = None
+            self._discard(manager)
+        self.start()
+
+    def close(self) -> None:
+        """Stop a manager that runs outside ``serve`` (started by ``prepare``)."""
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            self._discard(manager)
+
     @staticmethod
     def _discard(manager: Any) -> None:
-        manager.stop(block=True, timeout=30)
+        wake = getattr(manager, "_wake_up_loop", None)  # the idle loop waits 0.1 s on it otherwise
+        manager.background_thread_status.request_stop(
+            type(manager.background_thread_status).HARD_STOP, manager.distributed_helper.global_rank
+        )
+        if wake is not None:
+            wake.set()
+        manager.stop(block=True, timeout=30, hard_stop=True)
         destroy = getattr(manager.model, "destroy_cached_continuous_batching_manager", None)
         if destroy is not None:
             destroy()

@@ -266,12 +266,18 @@ class TransformersBackend(ChatTokenizer, BackendBase):
 
     def configure(self, *, max_batch_size: int, max_wait_s: float, max_batch_tokens: int | None) -> None:
         """Set the batching limits (before ``serve``): continuous batching takes the batch size as the
-        most requests per step and the token cap as a cap on its paged cache; ``max_wait_s`` is the
-        micro-batcher's alone."""
+        most requests per step and the token cap as a cap on its paged cache, and starts its engine
+        here (blocking), while the pipeline's other parts start; ``max_wait_s`` is the micro-batcher's
+        alone.
+
+        Raises:
+            BackendError: the continuous engine cannot start.
+        """
         self.scheduler.configure(max_size=max_batch_size, max_wait_s=max_wait_s, max_tokens=max_batch_tokens)
         if self.engine is not None:
             self.engine.max_requests = max_batch_size
             self.engine.kv_tokens = max_batch_tokens
+            self.engine.prepare()
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the engine (continuous batching, or the micro-batching loop) until cancelled."""
@@ -399,9 +405,11 @@ class TransformersBackend(ChatTokenizer, BackendBase):
         return self.engine.busy if self.engine is not None else len(self.scheduler.running)
 
     def close(self) -> None:
-        """Drop the model and free accelerator memory."""
+        """Stop the engine, drop the model and free accelerator memory."""
         import torch
 
+        if self.engine is not None:
+            self.engine.close()
         self.model = None
         if self.device == "cuda":
             torch.cuda.empty_cache()

@@ -20,7 +20,7 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 BackendName = Literal["transformers", "vllm", "replay", "openai"]
 Quantize = Literal["none", "fp16", "bf16", "int8", "int4"]
-Batching = Literal["continuous", "static"]
+Batching = Literal["auto", "continuous", "static"]
 
 
 class ConfigError(ValueError):
@@ -185,16 +185,19 @@ class ModelConfig:
 @dataclass(frozen=True)
 class BatchConfig:
     """The transformers backend's batching. ``mode``: ``continuous`` (transformers' paged continuous
-    batching: a request joins the running batch at the next decode step and leaves it when it ends) or
-    ``static`` (the micro-batcher: one ``generate`` per batch, rows delivered as they end).
+    batching: a request joins the running batch at the next decode step and leaves it when it ends),
+    ``static`` (the micro-batcher: one ``generate`` per batch, rows delivered as they end), or
+    ``auto`` (continuous where the installed transformers is one it was tried on, 5.19 to 5.25; else
+    static, said in the log).
     ``max_batch_size``: the most requests decoding at once; ``max_batch_tokens``: the static batch's
     token cap, or a cap on the continuous engine's paged cache (``None``: from the memory budget);
     ``max_wait_ms``: how long a static batch waits to fill."""
 
     mode: Batching = setting(  # noqa: RUF009 (a Literal)
-        "continuous",
+        "auto",
         flag="--batching",
-        help="transformers: continuous (paged, requests join and leave at every step) or static batches",
+        help="transformers: continuous (paged, requests join and leave at every step), static batches, "
+        "or auto (continuous on transformers 5.19-5.25, else static)",
     )
     max_batch_size: int = setting(16, flag="--batch-size", help="max problems (samples) decoding at once")
     max_wait_ms: float = setting(20.0, flag="--max-wait-ms", help="how long a batch waits to fill")

@@ -230,6 +230,7 @@ _FLAGS_OF_SETTINGS = {
     "memory_gb": ("model", "memory_gb"),  # --memory-budget SIZE and --memory-gb N
     "backend": ("model", "backend"),
     "quantize": ("model", "quantize"),
+    "batching": ("batch", "mode"),
     "batch_size": ("batch", "max_batch_size"),
     "max_wait_ms": ("batch", "max_wait_ms"),
     "max_batch_tokens": ("batch", "max_batch_tokens"),
@@ -337,7 +338,7 @@ def test_a_flag_parses_as_its_field_says(flag, value, setting, expected):
 
 def test_help_shows_each_field_default_once():
     helps = {a.option_strings[0]: a.help for a in _stream_parser()._actions if a.option_strings}
-    assert helps["--batch-size"] == "max problems (samples) per generate call (default 16)"
+    assert helps["--batch-size"] == "max problems (samples) decoding at once (default 16)"
     assert helps["--temperature"] == "default 0.7"
     assert helps["--stop-at-answer"].endswith("(default on)")
     assert helps["--max-wait-ms"].endswith("(default 20)")

@@ -215,3 +215,19 @@ async def test_a_request_larger_than_the_paged_cache_is_refused_by_name(real_bac
     finally:
         engine.kv_tokens = saved
     assert small.new_tokens == 4
+
+
+def test_auto_batching_is_continuous_only_on_the_transformers_releases_it_was_tried_on(monkeypatch):
+    import transformers
+
+    from stages.backends.transformers_backend import choose_batching
+
+    for version, mode in [
+        ("5.19.0", "continuous"),
+        ("5.25.3", "continuous"),
+        ("4.46.0", "static"),
+        ("5.26.0", "static"),
+    ]:
+        monkeypatch.setattr(transformers, "__version__", version)
+        assert choose_batching("auto") == mode, version
+    assert choose_batching("continuous") == "continuous" and choose_batching("static") == "static"

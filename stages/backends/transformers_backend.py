@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,32 @@ class _EndRows:
         return done
 
 
+CONTINUOUS_TRIED = ((5, 19), (5, 25))
+"""The transformers releases (major, minor) the continuous engine was tried on: ``auto`` picks it there."""
+
+
+def choose_batching(mode: str) -> str:
+    """Resolve ``auto``: ``continuous`` on a transformers release in ``CONTINUOUS_TRIED`` (the engine
+    hooks into its continuous batching's logits processing), else ``static``."""
+    if mode != "auto":
+        return mode
+    import transformers
+
+    m = re.match(r"(\d+)\.(\d+)", transformers.__version__)
+    found = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    low, high = CONTINUOUS_TRIED
+    if low <= found <= high:
+        return "continuous"
+    logging.getLogger("pipeline").info(
+        "transformers %s: static batches (continuous batching was tried on %d.%d to %d.%d; "
+        "--batching continuous to try it here)",
+        transformers.__version__,
+        *low,
+        *high,
+    )
+    return "static"
+
+
 class TransformersBackend(ChatTokenizer, BackendBase):
     """A causal LM from a local folder. Build it with ``TransformersBackend.load``."""
 
@@ -188,7 +215,7 @@ class TransformersBackend(ChatTokenizer, BackendBase):
         device: str,
         dtype: str,
         model_id: str,
-        batching: str = "continuous",
+        batching: str = "auto",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -206,7 +233,7 @@ class TransformersBackend(ChatTokenizer, BackendBase):
             self.eos_ids.update(gen_eos)
         pad = tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else min(self.eos_ids)
-        self.batching = batching
+        self.batching = batching = choose_batching(batching)
         self.scheduler = BatchScheduler(self._run_batch, is_out_of_memory=self.is_out_of_memory)
         self.engine: ContinuousEngine | None = ContinuousEngine(self) if batching == "continuous" else None
 
@@ -218,11 +245,12 @@ class TransformersBackend(ChatTokenizer, BackendBase):
         device: str = "auto",
         dtype: str = "auto",
         quantize: str = "none",
-        batching: str = "continuous",
+        batching: str = "auto",
     ) -> TransformersBackend:
         """Load a model (blocking; seconds). ``path`` as in ``resolve_model``; ``quantize`` as in
         ``ModelConfig``; ``batching``: ``continuous`` (transformers' paged continuous batching,
-        ``stages.backends.continuous``) or ``static`` (the micro-batcher, one ``generate`` per batch).
+        ``stages.backends.continuous``), ``static`` (the micro-batcher, one ``generate`` per batch) or
+        ``auto`` (``choose_batching``).
 
         Raises:
             BackendError: the model is missing, is not a model, cannot be loaded, or the quantisation

@@ -231,3 +231,125 @@ def test_auto_batching_is_continuous_only_on_the_transformers_releases_it_was_tr
         monkeypatch.setattr(transformers, "__version__", version)
         assert choose_batching("auto") == mode, version
     assert choose_batching("continuous") == "continuous" and choose_batching("static") == "static"
+
+
+class _Raises:
+    """A watch that fails at its third token."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def feed(self, top: Any) -> bool:
+        self.n += 1
+        if self.n == 3:
+            raise RuntimeError("watch blew up")
+        return False
+
+    def reset(self) -> None:
+        self.n = 0
+
+
+async def test_one_bad_request_fails_alone_and_the_engine_keeps_its_other_rows(real_backend: Any):
+    engine = real_backend.engine
+    story = tuple(real_backend.encode(STORY))
+    good = [
+        Request(f"g{i}", story, SamplingParams(max_new_tokens=12, greedy=False, seed=i)) for i in range(3)
+    ]
+    bad = Request("bad", story, SamplingParams(max_new_tokens=12, top_logprobs=2, watch=_Raises()))
+    out: dict[str, Any] = {}
+
+    async def one(r: Request) -> None:
+        try:
+            out[r.id] = await real_backend.generate(r)
+        except BackendError as e:
+            out[r.id] = e
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as tg:
+            await tg.start(real_backend.serve)
+            async with anyio.create_task_group() as inner:
+                for r in [*good, bad]:
+                    inner.start_soon(one, r)
+            for r, why in [
+                (Request("empty", (), SamplingParams(max_new_tokens=3)), "prompt is empty"),
+                (
+                    Request("oov", (1, 10**7), SamplingParams(max_new_tokens=3)),
+                    "outside the model's vocabulary",
+                ),
+                (
+                    Request("topk", story, SamplingParams(max_new_tokens=3, top_logprobs=10**6)),
+                    "more than the",
+                ),
+            ]:
+                with pytest.raises(BackendError, match=why):
+                    await real_backend.generate(r)
+            after = await real_backend.generate(Request("after", story, SamplingParams(max_new_tokens=2)))
+            tg.cancel_scope.cancel()
+    assert isinstance(out["bad"], BackendError) and "watch blew up" in str(out["bad"])
+    assert all(out[r.id].new_tokens == 12 for r in good)
+    assert after.new_tokens == 2 and engine.restarts == 0 and real_backend.busy == 0
+
+
+async def test_serving_twice_is_refused_and_configure_alone_starts_nothing(real_backend: Any):
+    story = tuple(real_backend.encode(STORY))
+    real_backend.configure(max_batch_size=16, max_wait_s=0.0, max_batch_tokens=None)
+    assert real_backend.engine._manager is None
+    with pytest.raises(BackendError, match="not serving"):
+        await real_backend.generate(Request("x", story, SamplingParams(max_new_tokens=2)))
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            await tg.start(real_backend.serve)
+            with pytest.raises(BackendError, match="already serving"):
+                await real_backend.serve(task_status=anyio.TASK_STATUS_IGNORED)
+            done = await real_backend.generate(Request("y", story, SamplingParams(max_new_tokens=2)))
+            tg.cancel_scope.cancel()
+    assert done.new_tokens == 2 and real_backend.engine._manager is None
+
+
+async def test_stopping_while_a_dead_manager_restarts_leaves_no_manager_behind(real_backend: Any):
+    engine = real_backend.engine
+    story = tuple(real_backend.encode(STORY))
+    original = engine.choose
+
+    def explode(order: list[str], scores: Any) -> Any:
+        raise RuntimeError("simulated device fault")
+
+    engine.choose = explode
+    try:
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                await tg.start(real_backend.serve)
+                with pytest.raises(BackendError):
+                    await real_backend.generate(Request("a", story, SamplingParams(max_new_tokens=5)))
+                tg.cancel_scope.cancel()  # at once: the supervisor may be starting a new manager
+    finally:
+        del engine.choose
+    assert engine.choose == original and engine._manager is None and engine._supervisor is None
+    with pytest.raises(BackendError, match="not serving"):
+        await real_backend.generate(Request("b", story, SamplingParams(max_new_tokens=2)))
+
+
+async def test_a_watch_that_raises_fails_its_request_alone_on_the_static_engine_too(real_backend: Any):
+    story = tuple(real_backend.encode(STORY))
+    static = _static_twin(real_backend)
+    reqs = [
+        Request("g", story, SamplingParams(max_new_tokens=8)),
+        Request("bad", story, SamplingParams(max_new_tokens=8, top_logprobs=2, watch=_Raises())),
+    ]
+    out: dict[str, Any] = {}
+
+    async def one(r: Request) -> None:
+        try:
+            out[r.id] = await static.generate(r)
+        except BackendError as e:
+            out[r.id] = e
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            await tg.start(static.serve)
+            async with anyio.create_task_group() as inner:
+                for r in reqs:
+                    inner.start_soon(one, r)
+            tg.cancel_scope.cancel()
+    assert isinstance(out["bad"], BackendError) and "watch blew up" in str(out["bad"])
+    assert out["g"].new_tokens == 8

@@ -129,6 +129,7 @@ class ContinuousEngine:
         self._died: BaseException | None = None
         self.restarts = 0  # managers started again after one died, this serve
         self._started_with: tuple[int, int] | None = None
+        self._serving = False
 
     # ---- the manager's thread ---------------------------------------------------------------------
 
@@ -150,15 +151,46 @@ class ContinuousEngine:
         states: list[RowState | None] = [
             None if seq is None or seq.state.finished else seq.state for seq in seqs
         ]
-        tokens = pick_tokens(scores, states)
+        try:
+            tokens = pick_tokens(scores, states)
+        except Exception:  # one row's rule failed (a watch that raised...): find it, keep the others
+            tokens = self._rows_one_by_one(scores, seqs, states)
         for seq, state in zip(seqs, states, strict=True):
-            if seq is not None and state is not None:
-                completion = end_of_row(self.backend, state)
+            if seq is not None and state is not None and not state.finished:
+                try:
+                    completion = end_of_row(self.backend, state)
+                except Exception as e:
+                    self._fail_row(seq, e)
+                    continue
                 if completion is not None:
                     self._end(seq, completion)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, torch.tensor(tokens, device=scores.device).unsqueeze(1), 0.0)
         return out
+
+    def _rows_one_by_one(
+        self, scores: Any, seqs: list[_Seq | None], states: list[RowState | None]
+    ) -> list[int]:
+        """``pick_tokens`` row by row, after it failed for the batch: the rows whose rules raise get
+        their error (and leave); the others go on as if nothing happened."""
+        tokens: list[int] = scores.argmax(dim=-1).tolist()
+        for i, (seq, state) in enumerate(zip(seqs, states, strict=True)):
+            if seq is None or state is None:
+                continue
+            state.rewind()  # what the failed batch call recorded for this row's step
+            try:
+                tokens[i] = pick_tokens(scores[i : i + 1], [state])[0]
+            except Exception as e:
+                self._fail_row(seq, e)
+        return tokens
+
+    def _fail_row(self, seq: _Seq, error: Exception) -> None:
+        seq.state.finished = True
+        self.seqs.pop(seq.rid, None)
+        seq.row.finish(BackendError(f"this request failed in the model's step: {error!r}"))
+        manager = self._manager
+        if manager is not None:
+            manager.cancel_request(seq.rid)
 
     def _end(self, seq: _Seq, completion: Completion) -> None:
         seq.state.finished = True
@@ -167,8 +199,9 @@ class ContinuousEngine:
         seq.row.finish(completion)
         # the manager ends a request itself at its EOS ids or its max_new_tokens; anything else it keeps
         # decoding until cancelled
-        if completion.finish_reason not in ("eos", "length"):
-            self._manager.cancel_request(seq.rid)
+        manager = self._manager
+        if completion.finish_reason not in ("eos", "length") and manager is not None:
+            manager.cancel_request(seq.rid)
 
     def _left(self, rid: str) -> None:
         """A cancelled request is no longer computed: count it (and how many steps that took)."""
@@ -211,7 +244,7 @@ class ContinuousEngine:
             max_batch_tokens=max(self.step_tokens, self.max_requests),
             max_requests_per_batch=self.max_requests,
             use_async_batching=False,
-            use_cuda_graph=False if b.device == "cpu" else None,
+            use_cuda_graph=False,  # a captured graph would replay without our Python token choice
             allow_block_sharing=True,
         )
         self._started_with = (self.max_requests, kv)
@@ -238,18 +271,21 @@ class ContinuousEngine:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start the manager and supervise it until cancelled; then stop it and fail what waits."""
+        if self._serving:
+            raise BackendError("the backend is already serving another pipeline")
         try:
             self._post = asyncio.get_running_loop().call_soon_threadsafe
         except RuntimeError as e:
             raise BackendError("continuous batching runs on asyncio") from e
-        await anyio.to_thread.run_sync(self.prepare)
-        self._stopping.clear()
-        self._died = None
-        self.restarts = 0
-        self._supervisor = threading.Thread(target=self._supervise, name="cb-supervisor", daemon=True)
-        self._supervisor.start()
-        task_status.started()
+        self._serving = True
         try:
+            await anyio.to_thread.run_sync(self.prepare)
+            self._stopping.clear()
+            self._died = None
+            self.restarts = 0
+            self._supervisor = threading.Thread(target=self._supervise, name="cb-supervisor", daemon=True)
+            self._supervisor.start()
+            task_status.started()
             await anyio.sleep_forever()
         finally:
             with anyio.CancelScope(shield=True):
@@ -257,8 +293,7 @@ class ContinuousEngine:
 
     def prepare(self) -> None:
         """Have a manager running with the current settings (blocking: start it, or start it again
-        when the settings changed). ``configure`` calls this while the model loads, so the first
-        request does not wait for the paged cache to be allocated.
+        when the settings changed); ``serve`` calls it.
 
         Raises:
             BackendError: as ``start``.
@@ -293,12 +328,13 @@ class ContinuousEngine:
 
     def _shutdown(self) -> None:
         self._stopping.set()
+        if self._supervisor is not None:  # first: it may be starting a manager again
+            self._supervisor.join(timeout=60)
+            self._supervisor = None
         manager, self._manager = self._manager, None
         if manager is not None:
             self._discard(manager)
-        if self._supervisor is not None:
-            self._supervisor.join(timeout=5)
-            self._supervisor = None
+        self._serving = False
         self._fail_all(BackendError("the backend stopped before this request ended"))
 
     def _supervise(self) -> None:
@@ -320,6 +356,8 @@ class ContinuousEngine:
                     self.restarts += 1  # what it held has failed; later requests get a new manager
                     try:
                         self._discard(manager)
+                        if self._stopping.is_set():
+                            return
                         self.start()
                     except BackendError as e:
                         self._died = e
@@ -351,7 +389,7 @@ class ContinuousEngine:
             BackendError: the engine is not serving, or it died (its error named).
         """
         manager = self._manager
-        if manager is None:
+        if manager is None or not self._serving:
             raise BackendError("the backend is not serving: it was stopped or never started")
         if self._died is not None:
             raise BackendError(f"the continuous batching engine died: {self._died}")

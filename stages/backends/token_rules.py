@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from stages.backends.base import Completion, SamplingParams
+from stages.backends.base import BackendError, Completion, SamplingParams
 
 if TYPE_CHECKING:
     from stages.backends.transformers_backend import TransformersBackend
@@ -21,7 +21,18 @@ if TYPE_CHECKING:
 class RowState:
     """What the model thread keeps per row while it decodes: the new token ids and their log-probs."""
 
-    __slots__ = ("finished", "generator", "logprobs", "low", "new", "params", "stop_tail", "top")
+    __slots__ = (
+        "error",
+        "finished",
+        "generator",
+        "logprobs",
+        "low",
+        "mark",
+        "new",
+        "params",
+        "stop_tail",
+        "top",
+    )
 
     def __init__(self, params: SamplingParams, device: str) -> None:
         import torch
@@ -38,6 +49,18 @@ class RowState:
         self.low = False  # the request's watch stopped it at the last token
         # tokens to decode when looking for a stop string: enough to hold the longest one
         self.stop_tail = max((len(s) for s in params.stop), default=0) + 4
+        self.mark = (0, 0, 0)  # lengths of new, logprobs and top before the step under way
+        self.error: Exception | None = None  # the request's own rule (its watch) raised this
+
+    def rewind(self) -> None:
+        """Forget what the step under way recorded (its ``pick_tokens`` call failed part-way)."""
+        n, lp, tp = self.mark
+        del self.new[n:]
+        if self.logprobs is not None:
+            del self.logprobs[lp:]
+        if self.top is not None:
+            del self.top[tp:]
+        self.low = False
 
 
 NUCLEUS_K = 64
@@ -100,6 +123,8 @@ def pick_tokens(scores: Any, states: Sequence[RowState | None]) -> list[int]:
 
     chosen = torch.argmax(scores, dim=-1)
     live = [(i, s) for i, s in enumerate(states) if s is not None and not s.finished]
+    for _, s in live:
+        s.mark = (len(s.new), len(s.logprobs or ()), len(s.top or ()))
     sampled = [(i, s) for i, s in live if s.generator is not None]
     if sampled:
         at = [i for i, _ in sampled]
@@ -117,8 +142,11 @@ def pick_tokens(scores: Any, states: Sequence[RowState | None]) -> list[int]:
             if s.top is not None and top is not None:
                 s.top.append(row_top := tuple(top[i][: s.params.top_logprobs]))
                 watch = s.params.watch
-                if watch is not None and watch.feed(row_top):
-                    s.low = True
+                try:
+                    if watch is not None and watch.feed(row_top):
+                        s.low = True
+                except Exception as e:  # the request's own code: it fails that request alone
+                    s.error = e
     tokens: list[int] = chosen.tolist()
     for i, s in live:
         s.new.append(tokens[i])
@@ -126,7 +154,13 @@ def pick_tokens(scores: Any, states: Sequence[RowState | None]) -> list[int]:
 
 
 def end_of_row(backend: TransformersBackend, state: RowState) -> Completion | None:
-    """The row's completion if it ends at its last token, else ``None``."""
+    """The row's completion if it ends at its last token, else ``None``.
+
+    Raises:
+        BackendError: the request's watch raised (its error named).
+    """
+    if state.error is not None:
+        raise BackendError(f"the request's watch failed: {state.error!r}") from state.error
     p = state.params
     b = backend
     new = state.new

@@ -23,11 +23,18 @@ def _static_twin(real: Any) -> TransformersBackend:
     )
 
 
-async def _all(backend: Backend, requests: list[Request]) -> dict[str, Any]:
+async def _all(backend: Backend, requests: list[Request], *, keep_errors: bool = False) -> dict[str, Any]:
+    """Serve ``backend`` and send ``requests`` at once: each one's completion (or, with
+    ``keep_errors``, its ``BackendError``)."""
     out: dict[str, Any] = {}
 
     async def one(r: Request) -> None:
-        out[r.id] = await backend.generate(r)
+        try:
+            out[r.id] = await backend.generate(r)
+        except BackendError as e:
+            if not keep_errors:
+                raise
+            out[r.id] = e
 
     async with anyio.create_task_group() as tg:
         await tg.start(backend.serve)
@@ -256,38 +263,20 @@ async def test_one_bad_request_fails_alone_and_the_engine_keeps_its_other_rows(r
         Request(f"g{i}", story, SamplingParams(max_new_tokens=12, greedy=False, seed=i)) for i in range(3)
     ]
     bad = Request("bad", story, SamplingParams(max_new_tokens=12, top_logprobs=2, watch=_Raises()))
-    out: dict[str, Any] = {}
-
-    async def one(r: Request) -> None:
-        try:
-            out[r.id] = await real_backend.generate(r)
-        except BackendError as e:
-            out[r.id] = e
-
     with anyio.fail_after(120):
-        async with anyio.create_task_group() as tg:
-            await tg.start(real_backend.serve)
-            async with anyio.create_task_group() as inner:
-                for r in [*good, bad]:
-                    inner.start_soon(one, r)
-            for r, why in [
-                (Request("empty", (), SamplingParams(max_new_tokens=3)), "prompt is empty"),
-                (
-                    Request("oov", (1, 10**7), SamplingParams(max_new_tokens=3)),
-                    "outside the model's vocabulary",
-                ),
-                (
-                    Request("topk", story, SamplingParams(max_new_tokens=3, top_logprobs=10**6)),
-                    "more than the",
-                ),
-            ]:
-                with pytest.raises(BackendError, match=why):
-                    await real_backend.generate(r)
-            after = await real_backend.generate(Request("after", story, SamplingParams(max_new_tokens=2)))
-            tg.cancel_scope.cancel()
+        out = await _all(real_backend, [*good, bad], keep_errors=True)
+        assert engine.restarts == 0
+        for r, why in [  # refused by name before they reach the shared batch
+            (Request("empty", (), SamplingParams(max_new_tokens=3)), "prompt is empty"),
+            (Request("oov", (1, 10**7), SamplingParams(max_new_tokens=3)), "outside the model's vocabulary"),
+            (Request("topk", story, SamplingParams(max_new_tokens=3, top_logprobs=10**6)), "more than the"),
+        ]:
+            with pytest.raises(BackendError, match=why):
+                await real_backend.generate(r)
+        again = await _all(real_backend, [Request("after", story, SamplingParams(max_new_tokens=2))])
     assert isinstance(out["bad"], BackendError) and "watch blew up" in str(out["bad"])
     assert all(out[r.id].new_tokens == 12 for r in good)
-    assert after.new_tokens == 2 and engine.restarts == 0 and real_backend.busy == 0
+    assert again["after"].new_tokens == 2 and real_backend.busy == 0
 
 
 async def test_serving_twice_is_refused_and_configure_alone_starts_nothing(real_backend: Any):
@@ -336,20 +325,7 @@ async def test_a_watch_that_raises_fails_its_request_alone_on_the_static_engine_
         Request("g", story, SamplingParams(max_new_tokens=8)),
         Request("bad", story, SamplingParams(max_new_tokens=8, top_logprobs=2, watch=_Raises())),
     ]
-    out: dict[str, Any] = {}
-
-    async def one(r: Request) -> None:
-        try:
-            out[r.id] = await static.generate(r)
-        except BackendError as e:
-            out[r.id] = e
-
     with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            await tg.start(static.serve)
-            async with anyio.create_task_group() as inner:
-                for r in reqs:
-                    inner.start_soon(one, r)
-            tg.cancel_scope.cancel()
+        out = await _all(static, reqs, keep_errors=True)
     assert isinstance(out["bad"], BackendError) and "watch blew up" in str(out["bad"])
     assert out["g"].new_tokens == 8

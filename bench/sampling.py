@@ -85,7 +85,8 @@ async def pipeline(problems: list[Problem], backend: Backend, cfg: Config, name:
 
 
 def vllm_offline(problems: list[Problem], cfg: Config, tokenizer: Backend, folder: str, name: str) -> Figures:
-    """``LLM.generate`` over every sample's prompt at once (one request per sample, seeded)."""
+    """``LLM.generate`` over every sample's prompt at once (one request per sample, seeded, with the
+    temperature, top-p, min-p and log-probs the pipeline's requests carry)."""
     from vllm import LLM
     from vllm import SamplingParams as VSamplingParams
     from vllm.inputs import TokensPrompt
@@ -93,6 +94,8 @@ def vllm_offline(problems: list[Problem], cfg: Config, tokenizer: Backend, folde
     from stages.backends.vllm_backend import engine_settings
 
     g = cfg.generation
+    # the sampling the pipeline's requests carry (stages/backends/vllm_backend.py maps them so)
+    want_logprobs = g.logprobs or cfg.vote.confidence or g.top_logprobs > 0
     settings = engine_settings(cfg, device="cpu", dtype="float32", folder=folder, max_context=2048)
     llm = LLM(**settings)
     try:
@@ -106,7 +109,12 @@ def vllm_offline(problems: list[Problem], cfg: Config, tokenizer: Backend, folde
                 else:
                     params.append(
                         VSamplingParams(
-                            max_tokens=g.max_new_tokens, temperature=g.temperature, seed=1000 * i + s
+                            max_tokens=g.max_new_tokens,
+                            temperature=g.temperature,
+                            top_p=g.top_p,
+                            min_p=g.min_p,
+                            seed=1000 * i + s,
+                            logprobs=g.top_logprobs if want_logprobs else None,
                         )
                     )
         llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up

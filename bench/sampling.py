@@ -84,6 +84,23 @@ async def pipeline(problems: list[Problem], backend: Backend, cfg: Config, name:
     )
 
 
+def offline_sampling(cfg: Config, seed: int) -> dict[str, Any]:
+    """vLLM ``SamplingParams`` keywords for one offline sample: the sampling the pipeline's requests
+    carry (``stages/backends/vllm_backend.py`` maps them so), seeded."""
+    g = cfg.generation
+    if g.greedy:
+        return {"max_tokens": g.max_new_tokens, "temperature": 0.0}
+    want_logprobs = g.logprobs or cfg.vote.confidence or g.top_logprobs > 0
+    return {
+        "max_tokens": g.max_new_tokens,
+        "temperature": g.temperature,
+        "top_p": g.top_p,
+        "min_p": g.min_p,
+        "seed": seed,
+        "logprobs": g.top_logprobs if want_logprobs else None,
+    }
+
+
 def vllm_offline(problems: list[Problem], cfg: Config, tokenizer: Backend, folder: str, name: str) -> Figures:
     """``LLM.generate`` over every sample's prompt at once (one request per sample, seeded, with the
     temperature, top-p, min-p and log-probs the pipeline's requests carry)."""
@@ -94,8 +111,6 @@ def vllm_offline(problems: list[Problem], cfg: Config, tokenizer: Backend, folde
     from stages.backends.vllm_backend import engine_settings
 
     g = cfg.generation
-    # the sampling the pipeline's requests carry (stages/backends/vllm_backend.py maps them so)
-    want_logprobs = g.logprobs or cfg.vote.confidence or g.top_logprobs > 0
     settings = engine_settings(cfg, device="cpu", dtype="float32", folder=folder, max_context=2048)
     llm = LLM(**settings)
     try:
@@ -104,19 +119,7 @@ def vllm_offline(problems: list[Problem], cfg: Config, tokenizer: Backend, folde
         for i, e in enumerate(enc):
             for s in range(g.samples):
                 prompts.append(TokensPrompt(prompt_token_ids=list(e.prompt_ids)))
-                if g.greedy:
-                    params.append(VSamplingParams(max_tokens=g.max_new_tokens, temperature=0.0))
-                else:
-                    params.append(
-                        VSamplingParams(
-                            max_tokens=g.max_new_tokens,
-                            temperature=g.temperature,
-                            top_p=g.top_p,
-                            min_p=g.min_p,
-                            seed=1000 * i + s,
-                            logprobs=g.top_logprobs if want_logprobs else None,
-                        )
-                    )
+                params.append(VSamplingParams(**offline_sampling(cfg, 1000 * i + s)))
         llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warm-up
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)

@@ -87,3 +87,21 @@ def test_compare_with_the_real_model_reports_ratios(tmp_path: Path):
     )
     assert set(report["ratios"]) == {"pipeline / engine", "pipeline / sequential", "engine / sequential"}
     assert report["environment"]["model"].startswith("SmolLM2-135M-Instruct")
+
+
+def test_the_sampling_benchmark_compares_like_with_like():
+    import argparse
+
+    from bench.sampling import config, markdown, offline_sampling
+
+    args = argparse.Namespace(samples=4, max_new_tokens=96, batch_size=16, problems=8)
+    greedy, sampled = config(args, "vllm", "greedy"), config(args, "vllm", "sampled")
+    assert offline_sampling(greedy, 3) == {"max_tokens": 96, "temperature": 0.0}
+    kw = offline_sampling(sampled, 3)
+    g = sampled.generation
+    assert (kw["temperature"], kw["top_p"], kw["min_p"], kw["seed"]) == (0.7, g.top_p, g.min_p, 3)
+    assert g.top_p < 1  # the pipeline samples with top-p: so must the offline reference
+    page = markdown({"settings": {}, "rows": [{"scenario": "x", "samples": 1, "new_tokens": 2,
+                                               "seconds": 1.0, "tokens_per_s": 2.0, "correct": None}],
+                     "ratios": {"x / y": 1.5}})  # fmt: skip
+    assert "| x | 1 | 2 | 1.0 | 2.0 | - |" in page and "- x / y: **1.5**" in page

@@ -228,10 +228,13 @@ class ResultWriter:
             target = " and ".join(f for f in (self.output or "standard output", self.submission) if f)
             raise OutputError(f"writing results to {target} failed: {e.strerror or e}") from e
         finally:
-            for f in (out, sub):
-                if f is not None:
-                    with contextlib.suppress(OSError):  # the write error above is the one to report
-                        await f.close()
+            # shielded: the run's other tasks fail as soon as the writer closes its stream, and a
+            # cancellation here would replace the write error with itself
+            with anyio.CancelScope(shield=True):
+                for f in (out, sub):
+                    if f is not None:
+                        with contextlib.suppress(OSError):  # the write error above is the one to report
+                            await f.close()
         if self.submission is not None and self.output is not None:
             try:
                 with anyio.CancelScope(shield=True):

@@ -197,7 +197,7 @@ def main() -> None:
         pipeline, problems[:2], tb, replace_tokens(config(args, "transformers", "greedy"), 4), "warm-up"
     )
     if "transformers" in backends:
-        static = static_twin(tb)
+        static = tb.on_engine("static")
         for w in workloads:
             cfg = config(args, "transformers", w)
             show(anyio.run(pipeline, problems, tb, cfg, f"pipeline transformers {w}"))
@@ -238,20 +238,6 @@ def main() -> None:
     (out / "sampling.json").write_text(json.dumps(report, indent=1))
     (out / "sampling.md").write_text(markdown(report))
     print(json.dumps(ratios, indent=1))
-
-
-def static_twin(backend: Any) -> Any:
-    """The transformers backend's loaded model on the static micro-batcher (``--batching static``)."""
-    from stages.backends.transformers_backend import TransformersBackend
-
-    return TransformersBackend(
-        backend.model,
-        backend.tokenizer,
-        device=backend.device,
-        dtype=backend.dtype,
-        model_id="static",
-        batching="static",
-    )
 
 
 def replace_tokens(cfg: Config, n: int) -> Config:

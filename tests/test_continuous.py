@@ -10,17 +10,9 @@ import pytest
 
 from pipeline import Pipeline
 from stages.backends.base import Backend, BackendError, Request, SamplingParams
-from stages.backends.transformers_backend import TransformersBackend
 from tests.conftest import small_config
 
 STORY = [{"role": "user", "content": "Write a very long story about a dragon."}]
-
-
-def _static_twin(real: Any) -> TransformersBackend:
-    """The same loaded model and tokenizer on the static micro-batcher."""
-    return TransformersBackend(
-        real.model, real.tokenizer, device=real.device, dtype=real.dtype, model_id="twin", batching="static"
-    )
 
 
 async def _all(backend: Backend, requests: list[Request], *, keep_errors: bool = False) -> dict[str, Any]:
@@ -63,7 +55,7 @@ async def test_both_engines_give_the_same_tokens_greedy_and_seeded(real_backend:
         reqs.append(Request(f"s{i}", p, sampled))
     with anyio.fail_after(240):
         cont = await _all(real_backend, reqs)
-        static = await _all(_static_twin(real_backend), reqs)
+        static = await _all(real_backend.on_engine("static"), reqs)
     for r in reqs:
         assert cont[r.id].token_ids == static[r.id].token_ids, r.id
         assert cont[r.id].finish_reason == static[r.id].finish_reason
@@ -320,7 +312,7 @@ async def test_stopping_while_a_dead_manager_restarts_leaves_no_manager_behind(r
 
 async def test_a_watch_that_raises_fails_its_request_alone_on_the_static_engine_too(real_backend: Any):
     story = tuple(real_backend.encode(STORY))
-    static = _static_twin(real_backend)
+    static = real_backend.on_engine("static")
     reqs = [
         Request("g", story, SamplingParams(max_new_tokens=8)),
         Request("bad", story, SamplingParams(max_new_tokens=8, top_logprobs=2, watch=_Raises())),

@@ -37,7 +37,6 @@ from anyio.abc import TaskStatus
 from stages.backends.base import BackendError, Completion, Request
 from stages.backends.scheduler import Row, SchedulerStats
 from stages.backends.token_rules import RowState, end_of_row, pick_tokens
-from stages.clock import now
 
 if TYPE_CHECKING:
     from stages.backends.transformers_backend import TransformersBackend
@@ -128,7 +127,6 @@ class ContinuousEngine:
         self._stopping = threading.Event()
         self._died: BaseException | None = None
         self.restarts = 0  # managers started again after one died, this serve
-        self._started_with: tuple[int, int] | None = None
         self._serving = False
 
     # ---- the manager's thread ---------------------------------------------------------------------
@@ -151,10 +149,7 @@ class ContinuousEngine:
         states: list[RowState | None] = [
             None if seq is None or seq.state.finished else seq.state for seq in seqs
         ]
-        try:
-            tokens = pick_tokens(scores, states)
-        except Exception:  # one row's rule failed (a watch that raised...): find it, keep the others
-            tokens = self._rows_one_by_one(scores, seqs, states)
+        tokens = pick_tokens(scores, states)
         for seq, state in zip(seqs, states, strict=True):
             if seq is not None and state is not None and not state.finished:
                 try:
@@ -164,25 +159,11 @@ class ContinuousEngine:
                     continue
                 if completion is not None:
                     self._end(seq, completion)
+        if all(state is None or state.generator is None for state in states):
+            return scores  # no row samples: the manager's own arg-max takes the same tokens
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, torch.tensor(tokens, device=scores.device).unsqueeze(1), 0.0)
         return out
-
-    def _rows_one_by_one(
-        self, scores: Any, seqs: list[_Seq | None], states: list[RowState | None]
-    ) -> list[int]:
-        """``pick_tokens`` row by row, after it failed for the batch: the rows whose rules raise get
-        their error (and leave); the others go on as if nothing happened."""
-        tokens: list[int] = scores.argmax(dim=-1).tolist()
-        for i, (seq, state) in enumerate(zip(seqs, states, strict=True)):
-            if seq is None or state is None:
-                continue
-            state.rewind()  # what the failed batch call recorded for this row's step
-            try:
-                tokens[i] = pick_tokens(scores[i : i + 1], [state])[0]
-            except Exception as e:
-                self._fail_row(seq, e)
-        return tokens
 
     def _fail_row(self, seq: _Seq, error: Exception) -> None:
         seq.state.finished = True
@@ -247,7 +228,6 @@ class ContinuousEngine:
             use_cuda_graph=False,  # a captured graph would replay without our Python token choice
             allow_block_sharing=True,
         )
-        self._started_with = (self.max_requests, kv)
         try:
             manager = b.model.init_continuous_batching(
                 generation_config=settings, continuous_batching_config=cb
@@ -279,7 +259,7 @@ class ContinuousEngine:
             raise BackendError("continuous batching runs on asyncio") from e
         self._serving = True
         try:
-            await anyio.to_thread.run_sync(self.prepare)
+            await anyio.to_thread.run_sync(self.start)
             self._stopping.clear()
             self._died = None
             self.restarts = 0
@@ -291,40 +271,11 @@ class ContinuousEngine:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._shutdown)
 
-    def prepare(self) -> None:
-        """Have a manager running with the current settings (blocking: start it, or start it again
-        when the settings changed); ``serve`` calls it.
-
-        Raises:
-            BackendError: as ``start``.
-        """
-        manager = self._manager
-        if manager is not None and manager.is_running():
-            if self._started_with == (self.max_requests, self.cache_tokens):
-                return
-        if manager is not None:
-            self._manager = None
-            self._discard(manager)
-        self.start()
-
-    def close(self) -> None:
-        """Stop a manager that runs outside ``serve`` (started by ``prepare``)."""
-        manager, self._manager = self._manager, None
-        if manager is not None:
-            self._discard(manager)
-
     @staticmethod
     def _discard(manager: Any) -> None:
-        wake = getattr(manager, "_wake_up_loop", None)  # the idle loop waits 0.1 s on it otherwise
-        manager.background_thread_status.request_stop(
-            type(manager.background_thread_status).HARD_STOP, manager.distributed_helper.global_rank
-        )
-        if wake is not None:
-            wake.set()
+        """Stop a manager's thread (what it held is failed by the caller); it restores the model's
+        attention implementation."""
         manager.stop(block=True, timeout=30, hard_stop=True)
-        destroy = getattr(manager.model, "destroy_cached_continuous_batching_manager", None)
-        if destroy is not None:
-            destroy()
 
     def _shutdown(self) -> None:
         self._stopping.set()
@@ -419,22 +370,14 @@ class ContinuousEngine:
             if fatal is not None:
                 raise BackendError(f"the continuous batching engine died: {fatal}")
             raise BackendError("the continuous batching engine is stopping: it takes no new requests")
-        try:
-            await row._event.wait()
-        except BaseException:
-            if row.outcome is None:
-                row.aborted = True
-                row.aborted_at = now()
-                if self.seqs.pop(rid, None) is not None:
-                    seq.state.finished = True
-                    self._aborting[rid] = seq
-                    manager.cancel_request(rid)
-            raise
-        outcome = row.outcome
-        if isinstance(outcome, BaseException):
-            raise outcome
-        assert outcome is not None
-        return outcome
+
+        def cancel() -> None:  # the caller has gone: out of the manager before its next step
+            if self.seqs.pop(rid, None) is not None:
+                seq.state.finished = True
+                self._aborting[rid] = seq
+                manager.cancel_request(rid)
+
+        return await row.wait(on_abort=cancel)
 
     def statistics(self) -> dict[str, Any] | None:
         """Figures for the run's metrics (``None`` before the first request)."""

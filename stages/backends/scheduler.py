@@ -97,6 +97,24 @@ class Row:
             else:
                 anyio.from_thread.run_sync(self._set, outcome)
 
+    async def wait(self, on_abort: Callable[[], object] | None = None) -> Completion:
+        """Wait for the row's outcome and return it (raise it when it is an error). Cancelled first:
+        mark the row aborted (the model thread drops it at its next step), call ``on_abort``, raise."""
+        try:
+            await self._event.wait()
+        except BaseException:
+            if self.outcome is None:
+                self.aborted = True
+                self.aborted_at = now()
+                if on_abort is not None:
+                    on_abort()
+            raise
+        outcome = self.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
     def finish_here(self, outcome: Completion | BaseException) -> None:
         """Deliver the row's outcome from the event-loop thread."""
         self._set(outcome)
@@ -175,17 +193,11 @@ class BatchScheduler:
         row = Row(request, self.stats, self._post)
         try:
             await send.send(row)
-            await row._event.wait()
         except BaseException:
-            if row.outcome is None:
-                row.aborted = True
-                row.aborted_at = now()
+            row.aborted = True
+            row.aborted_at = now()
             raise
-        outcome = row.outcome
-        if isinstance(outcome, BaseException):
-            raise outcome
-        assert outcome is not None
-        return outcome
+        return await row.wait()
 
     def _recover_cap(self) -> None:
         if self._cap is None or self.max_tokens is None or self._cap >= self.max_tokens:

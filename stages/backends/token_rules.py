@@ -27,7 +27,6 @@ class RowState:
         "generator",
         "logprobs",
         "low",
-        "mark",
         "new",
         "params",
         "stop_tail",
@@ -49,18 +48,7 @@ class RowState:
         self.low = False  # the request's watch stopped it at the last token
         # tokens to decode when looking for a stop string: enough to hold the longest one
         self.stop_tail = max((len(s) for s in params.stop), default=0) + 4
-        self.mark = (0, 0, 0)  # lengths of new, logprobs and top before the step under way
         self.error: Exception | None = None  # the request's own rule (its watch) raised this
-
-    def rewind(self) -> None:
-        """Forget what the step under way recorded (its ``pick_tokens`` call failed part-way)."""
-        n, lp, tp = self.mark
-        del self.new[n:]
-        if self.logprobs is not None:
-            del self.logprobs[lp:]
-        if self.top is not None:
-            del self.top[tp:]
-        self.low = False
 
 
 NUCLEUS_K = 64
@@ -123,8 +111,6 @@ def pick_tokens(scores: Any, states: Sequence[RowState | None]) -> list[int]:
 
     chosen = torch.argmax(scores, dim=-1)
     live = [(i, s) for i, s in enumerate(states) if s is not None and not s.finished]
-    for _, s in live:
-        s.mark = (len(s.new), len(s.logprobs or ()), len(s.top or ()))
     sampled = [(i, s) for i, s in live if s.generator is not None]
     if sampled:
         at = [i for i, _ in sampled]

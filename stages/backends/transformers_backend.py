@@ -139,7 +139,7 @@ class _PickTokens:
 
     def __init__(self, states: list[RowState]) -> None:
         self.states = states
-        self.plain = all(s.generator is None and s.logprobs is None and s.top is None for s in states)
+        self.plain = all(s.generator is None for s in states)  # no row samples
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
@@ -443,6 +443,18 @@ class TransformersBackend(ChatTokenizer, BackendBase):
             return self.engine.statistics()
         return self.scheduler.statistics()
 
+    def on_engine(self, batching: str) -> TransformersBackend:
+        """This loaded model and tokenizer behind another engine (``continuous`` or ``static``): for
+        side-by-side measurements; serve one of the two at a time."""
+        return TransformersBackend(
+            self.model,
+            self.tokenizer,
+            device=self.device,
+            dtype=self.dtype,
+            model_id=f"{self.model_id}|{batching}",
+            batching=batching,
+        )
+
     @property
     def stats(self) -> SchedulerStats:
         """The engine's counters (rows, tokens, aborts and their latencies)."""
@@ -454,11 +466,9 @@ class TransformersBackend(ChatTokenizer, BackendBase):
         return self.engine.busy if self.engine is not None else len(self.scheduler.running)
 
     def close(self) -> None:
-        """Stop the engine, drop the model and free accelerator memory."""
+        """Drop the model and free accelerator memory."""
         import torch
 
-        if self.engine is not None:
-            self.engine.close()
         self.model = None
         if self.device == "cuda":
             torch.cuda.empty_cache()

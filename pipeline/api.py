@@ -14,6 +14,7 @@ any number of ``stream()`` and ``solve()`` calls, one after another or at the sa
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -32,6 +33,7 @@ from pipeline.runner import Runner, RunStats
 from stages.backends.base import Backend, BackendError
 from stages.clock import now
 from stages.parse import RecordConverter
+from stages.streams import batches
 from stages.verification import Verification
 
 
@@ -344,6 +346,7 @@ class ResultStream:
         self._pipeline = pipeline
         self._problems = problems
         self._entered = False
+        self._held: deque[tuple[Result, Ticket]] = deque()
 
     async def __aenter__(self) -> AsyncIterator[Result]:
         if self._entered:
@@ -368,9 +371,13 @@ class ResultStream:
         return self._results()
 
     async def _results(self) -> AsyncIterator[Result]:
-        async for result, ticket in self._receive:
-            ticket.release()
-            yield result
+        held = self._held  # taken from the channel, not yet read: ``__aexit__`` frees their slots
+        async for batch in batches(self._receive):
+            held.extend(batch)
+            while held:
+                result, ticket = held.popleft()
+                ticket.release()
+                yield result
         if self._route.error is not None:
             raise self._route.error
 
@@ -381,7 +388,9 @@ class ResultStream:
         if not route.fed_all or route.outstanding:
             # The caller stopped early: problems only it waits for are cancelled in the runner.
             p.runner.abandon(route)
-        while True:  # give back the slots of results already made that nobody will read
+        while self._held:  # give back the slots of results already made that nobody will read
+            self._held.popleft()[1].release()
+        while True:
             try:
                 _, ticket = receive.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):

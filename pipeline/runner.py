@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import structlog
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -51,6 +52,7 @@ from stages.clock import now
 from stages.inference import Inference
 from stages.parse import RecordConverter
 from stages.sandbox import Sandbox
+from stages.streams import BATCH, batches, put
 from stages.verification import Verification
 
 
@@ -154,6 +156,7 @@ class Runner:
         self.admission = Admission(cfg.run.max_in_flight)
         self.stats = RunStats()
         self._serial = 0
+        self._routed = 0
         self._waiters: dict[int, list[_Waiter]] = {}
         self._by_key: dict[str, int] = {}
         cap = cfg.run.queue_size or cfg.run.max_in_flight
@@ -252,8 +255,10 @@ class Runner:
                 async for item in items:
                     await self._admit(convert(item), route)
             else:
-                for item in items:
+                for n, item in enumerate(items, 1):
                     await self._admit(convert(item), route)
+                    if n % BATCH == 0:  # admitting takes no trip through the loop while slots are free
+                        await anyio.lowlevel.checkpoint()
         except Exception as e:  # the input itself failed (a read error): the caller's stream raises it
             route.error = e
         finally:
@@ -295,7 +300,7 @@ class Runner:
         try:
             hit = await self.cache.get(item, key)
             if hit is None:
-                await self._jobs_send.send(Job(problem=item, key=key, serial=serial))
+                await put(self._jobs_send, Job(problem=item, key=key, serial=serial))
                 return
         except BaseException:
             with anyio.CancelScope(shield=True):  # route channels hold all admitted work: no wait
@@ -365,7 +370,7 @@ class Runner:
         """Hand ``result`` to its caller's channel with its ticket (the caller releases the slot)."""
         self.stats.record(result)
         try:
-            await ticket.route.channel.send((result, ticket))
+            await put(ticket.route.channel, (result, ticket))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             ticket.release()  # the caller has gone; nobody will take this result
         ticket.delivered()
@@ -381,30 +386,33 @@ class Runner:
         self.stats.cleanup_s += now() - started
 
     async def _route_results(self, receive: MemoryObjectReceiveStream[Routed]) -> None:
-        every = self.cfg.run.cleanup_every
-        routed = 0
         async with receive:
-            async for item in receive:
-                routed += 1
-                if every is not None and routed % every == 0:
-                    self.cleanup()
-                result, serial = item.result, item.serial
-                self._release_key(item.key, serial)
-                waiters = self._waiters.pop(serial, [])
-                if not waiters:  # everyone who asked has gone
-                    continue
-                if not result.partial:  # a cut-short vote is not kept
-                    try:
-                        await self.cache.put(item.key, result)
-                    except Exception as e:  # a cache failure is a warning; the answers go on
-                        structlog.get_logger("pipeline.cache").warning(
-                            "cannot store a result in the cache", error=f"{type(e).__name__}: {e}"
-                        )
-                for w in waiters:
-                    p = w.problem
-                    if p.id == result.id and p.line == result.line:  # the problem that was computed
-                        await self._deliver(result, w.ticket)
-                        continue
-                    status: Status = "error" if result.status == "error" else "cached"
-                    shared = replace(result, id=p.id, line=p.line, gold=p.answer, status=status)
-                    await self._deliver(shared, w.ticket)
+            async for items in batches(receive):
+                for item in items:
+                    await self._route_one(item)
+
+    async def _route_one(self, item: Routed) -> None:
+        self._routed += 1
+        every = self.cfg.run.cleanup_every
+        if every is not None and self._routed % every == 0:
+            self.cleanup()
+        result, serial = item.result, item.serial
+        self._release_key(item.key, serial)
+        waiters = self._waiters.pop(serial, [])
+        if not waiters:  # everyone who asked has gone
+            return
+        if not result.partial:  # a cut-short vote is not kept
+            try:
+                await self.cache.put(item.key, result)
+            except Exception as e:  # a cache failure is a warning; the answers go on
+                structlog.get_logger("pipeline.cache").warning(
+                    "cannot store a result in the cache", error=f"{type(e).__name__}: {e}"
+                )
+        for w in waiters:
+            p = w.problem
+            if p.id == result.id and p.line == result.line:  # the problem that was computed
+                await self._deliver(result, w.ticket)
+                continue
+            status: Status = "error" if result.status == "error" else "cached"
+            shared = replace(result, id=p.id, line=p.line, gold=p.answer, status=status)
+            await self._deliver(shared, w.ticket)

@@ -24,11 +24,14 @@ samples when its samples start.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.abc
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from stages.backends.base import Backend, Request, SamplingParams, sample_seed
@@ -40,6 +43,7 @@ from stages.items import Encoded, Generation, Outcome
 from stages.prompting import style_for
 from stages.sandbox import Sandbox, SandboxError
 from stages.selection import token_confidence, token_entropy
+from stages.streams import batches, put
 
 TIME_LIMIT = "time limit reached"  # a timed-out sample's error text (its outcome is "timed_out")
 
@@ -99,6 +103,31 @@ class TokenGate:
         self._changed = anyio.Event()
 
 
+@dataclass(frozen=True, slots=True)
+class _Work:
+    """A sample waiting for a worker."""
+
+    encoded: Encoded
+    index: int
+    scope: anyio.CancelScope
+    of: int
+    queued: float
+
+
+class _Park:
+    """A worker waiting for its next sample (``None``: the stage's input has ended)."""
+
+    __slots__ = ("event", "work")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.work: _Work | None = None
+
+    def wake(self, work: _Work | None) -> None:
+        self.work = work
+        self.event.set()
+
+
 @dataclass
 class _Outcome:
     """A sample's rounds, put together."""
@@ -141,8 +170,11 @@ class Inference:
         self.style = style_for(cfg.generation.prompt_style)
         self.sandbox = sandbox
         self.planner = planner
-        self.max_requests = cfg.run.max_in_flight * cfg.generation.samples
-        self._requests = anyio.Semaphore(self.max_requests)
+        self.max_requests = cfg.run.max_in_flight * cfg.generation.samples  # samples running at once
+        self._workers = 0  # sample workers started
+        self._parked: deque[_Park] = deque()  # workers waiting to be handed a sample
+        self._backlog: deque[_Work] = deque()  # samples waiting for a worker (all are busy)
+        self._closed = False
         self._tokens = TokenGate(cfg.run.max_tokens_in_flight)
         self._scopes: dict[int, list[anyio.CancelScope]] = {}
         self._gates: dict[int, ConfidenceGate] = {}  # DeepConf online: each problem's threshold
@@ -186,27 +218,64 @@ class Inference:
     ) -> None:
         """Submit every sample of every problem; send each ``Generation`` as its sample completes."""
         async with receive, send, anyio.create_task_group() as tg:
-            async for item in receive:
-                serial = item.job.serial
-                if not self.wanted(serial):
-                    continue
-                samples = self.cfg.generation.samples
-                deadline = item.problem.deadline
-                if self.planner is not None:
-                    plan = self.planner.plan()
-                    samples = plan.samples
-                    if plan.deadline is not None:
-                        deadline = plan.deadline if deadline is None else min(deadline, plan.deadline)
-                at = scope_deadline(deadline)
-                scopes = [anyio.CancelScope(deadline=at) for _ in range(samples)]
-                self._scopes[serial] = scopes
-                v = self.cfg.vote
-                if v.stops_early:
-                    self._gates[serial] = ConfidenceGate(
-                        fixed=v.deepconf_stop, warmup=v.deepconf_warmup, keep=v.deepconf_keep
-                    )
-                for index, scope in enumerate(scopes):
-                    tg.start_soon(self._sample, item, index, scope, send, samples)
+            try:
+                async for items in batches(receive):
+                    for item in items:
+                        self._start(item, send, tg)
+            finally:
+                self._closed = True  # no more samples: parked workers end, busy ones end after theirs
+                while self._parked:
+                    self._parked.popleft().wake(None)
+
+    def _start(
+        self, item: Encoded, send: MemoryObjectSendStream[Generation], tg: anyio.abc.TaskGroup
+    ) -> None:
+        """Hand each sample of ``item`` to a parked sample worker, or to a new one (at most
+        ``max_requests`` run at once); past that the sample waits in the backlog, which admission
+        bounds (``run.max_in_flight`` problems' samples)."""
+        serial = item.job.serial
+        if not self.wanted(serial):
+            return
+        samples = self.cfg.generation.samples
+        deadline = item.problem.deadline
+        if self.planner is not None:
+            plan = self.planner.plan()
+            samples = plan.samples
+            if plan.deadline is not None:
+                deadline = plan.deadline if deadline is None else min(deadline, plan.deadline)
+        at = scope_deadline(deadline)
+        scopes = [anyio.CancelScope(deadline=at) for _ in range(samples)]
+        self._scopes[serial] = scopes
+        v = self.cfg.vote
+        if v.stops_early:
+            self._gates[serial] = ConfidenceGate(
+                fixed=v.deepconf_stop, warmup=v.deepconf_warmup, keep=v.deepconf_keep
+            )
+        queued = now()
+        for index, scope in enumerate(scopes):
+            work = _Work(item, index, scope, samples, queued)
+            if self._parked:
+                self._parked.popleft().wake(work)
+            elif self._workers < self.max_requests:
+                self._workers += 1
+                tg.start_soon(self._worker, work, send)
+            else:
+                self._backlog.append(work)
+
+    async def _worker(self, work: _Work | None, send: MemoryObjectSendStream[Generation]) -> None:
+        """Run samples one after another: the backlog's first, else park until handed one (a task per
+        sample would cost more than the sample itself when the model is fast)."""
+        while work is not None:
+            await self._sample(work.encoded, work.index, work.scope, send, work.of, work.queued)
+            if self._backlog:
+                work = self._backlog.popleft()
+            elif self._closed:
+                return
+            else:
+                park = _Park()
+                self._parked.append(park)
+                await park.event.wait()
+                work = park.work
 
     def _done(self, serial: int, scope: anyio.CancelScope) -> None:
         """Sample ``scope`` of problem ``serial`` has ended; the problem is forgotten with its last."""
@@ -299,11 +368,11 @@ class Inference:
         scope: anyio.CancelScope,
         send: MemoryObjectSendStream[Generation],
         samples: int,
+        waited: float,
     ) -> None:
-        """One sample: wait for a request slot (and its tokens), then run its rounds, all inside the
+        """One sample, queued at ``waited``: wait for its tokens, then run its rounds, all inside the
         sample's cancel scope, so a decided or timed-out problem's sample stops wherever it is."""
         s = self.stats
-        waited = now()
         tokens = encoded.prompt_tokens + self.cfg.generation.max_new_tokens
         started = waited
         out = _Outcome()
@@ -312,12 +381,8 @@ class Inference:
         holding = False
         try:
             with scope:
-                await self._requests.acquire()
-                try:
-                    await self._tokens.acquire(tokens)
-                except BaseException:
-                    self._requests.release()
-                    raise
+                await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled while queued: never starts
+                await self._tokens.acquire(tokens)
                 holding = True
                 started = now()
                 s.requests += 1
@@ -337,7 +402,6 @@ class Inference:
             if holding:
                 s.in_flight -= 1
                 self._tokens.release(tokens)
-                self._requests.release()
             self._done(encoded.job.serial, scope)
         if not holding:
             s.skipped += 1
@@ -360,7 +424,8 @@ class Inference:
             text, reason = "", "aborted"
             outcome = "timed_out" if timed_out else "cancelled"
             error = TIME_LIMIT if timed_out else "cancelled"
-        await send.send(
+        await put(
+            send,
             Generation(
                 encoded=encoded,
                 index=index,

@@ -131,10 +131,8 @@ class TextDialogue:
 
     def shape(self, params: SamplingParams) -> SamplingParams:
         """The style's stop strings; a round that starts inside a block has no final answer there."""
-        params = replace(params, stop=self.style.stop)
-        if inside_block(self.text):
-            params = replace(params, stop_at_answer=False)
-        return params
+        at_answer = params.stop_at_answer and not inside_block(self.text)
+        return replace(params, stop=self.style.stop, stop_at_answer=at_answer)
 
     def take(self, completion: Completion) -> Step:
         """Append the completion; a stop at the end of an open code block is a cell."""

@@ -13,6 +13,7 @@ from stages.config import Config
 from stages.items import Encoded, Job, Result, Routed, error_result
 from stages.prompting import messages_for as messages_for
 from stages.prompting import style_for
+from stages.streams import batches, put
 
 
 def encode(job: Job, backend: Backend, cfg: Config) -> Encoded | Result:
@@ -51,9 +52,10 @@ async def run(
     """Encode each job in arrival order (a fast tokenizer takes well under a millisecond a prompt);
     a job that cannot be encoded sends its error result to ``failed``."""
     async with receive, send, failed:
-        async for job in receive:
-            out = encode(job, backend, cfg)
-            if isinstance(out, Result):
-                await failed.send(Routed(out, job.key, job.serial))
-            else:
-                await send.send(out)
+        async for jobs in batches(receive):
+            for job in jobs:
+                out = encode(job, backend, cfg)
+                if isinstance(out, Result):
+                    await put(failed, Routed(out, job.key, job.serial))
+                else:
+                    await put(send, out)

@@ -27,6 +27,7 @@ from stages.config import Config
 from stages.extraction import check_answer, quick_check
 from stages.items import Candidate, Generation
 from stages.process_pool import WorkerDied, WorkerPool
+from stages.streams import put
 
 Checked = tuple[int | None, str | None, str | None]
 MAX_REASON = 300
@@ -147,12 +148,12 @@ class Verification:
                 for item in batch:
                     if item.error is not None or item.finish_reason == "confidence":
                         why = item.error or LOW_CONFIDENCE  # a stopped sample's answer does not count
-                        await send.send(Candidate(generation=item, answer=None, extracted=None, reason=why))
+                        await put(send, Candidate(generation=item, answer=None, extracted=None, reason=why))
                     elif (quick := quick_check(item.text, modulus=a.modulus, lo=a.min, hi=a.max)) is not None:
                         self.quick += 1  # a plain boxed number: no worker needed
-                        await send.send(Candidate(item, *quick))
+                        await put(send, Candidate(item, *quick))
                     else:
                         gens.append(item)
                 if gens:
                     for candidate in await self._check(gens):
-                        await send.send(candidate)
+                        await put(send, candidate)

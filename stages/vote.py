@@ -28,6 +28,7 @@ from stages.items import Candidate, Result, Routed
 from stages.selection import confidence as confidence
 from stages.selection import max_weight, scores
 from stages.selection import weight as weight
+from stages.streams import batches, put
 
 
 @dataclass(frozen=True)
@@ -184,22 +185,23 @@ async def run(
     vote is decided (a prompt the tokenize stage rejects goes to the router directly)."""
     groups: dict[int, _Group] = {}
     async with receive, send:
-        async for item in receive:
-            gen = item.generation
-            job = gen.encoded.job
-            serial = job.serial
-            group = groups.setdefault(serial, _Group())
-            group.seen += 1
-            complete = group.seen >= gen.of
-            if complete:
-                del groups[serial]
-            if group.done:
-                continue
-            group.candidates.append(item)
-            if complete:
-                await send.send(Routed(build_result(group.candidates, cfg), job.key, serial))
-            elif decided(group.candidates, gen.of, cfg.vote):
-                group.done = True
-                if on_decided is not None:
-                    on_decided(serial)
-                await send.send(Routed(build_result(group.candidates, cfg, early=True), job.key, serial))
+        async for items in batches(receive):
+            for item in items:
+                gen = item.generation
+                job = gen.encoded.job
+                serial = job.serial
+                group = groups.setdefault(serial, _Group())
+                group.seen += 1
+                complete = group.seen >= gen.of
+                if complete:
+                    del groups[serial]
+                if group.done:
+                    continue
+                group.candidates.append(item)
+                if complete:
+                    await put(send, Routed(build_result(group.candidates, cfg), job.key, serial))
+                elif decided(group.candidates, gen.of, cfg.vote):
+                    group.done = True
+                    if on_decided is not None:
+                        on_decided(serial)
+                    await put(send, Routed(build_result(group.candidates, cfg, early=True), job.key, serial))

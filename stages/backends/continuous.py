@@ -24,7 +24,6 @@ to ``MAX_RESTARTS`` times a serve; after that new requests fail at once with the
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 from collections import deque
@@ -35,7 +34,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from stages.backends.base import BackendError, Completion, Request
-from stages.backends.scheduler import Row, SchedulerStats
+from stages.backends.scheduler import Row, SchedulerStats, loop_poster
 from stages.backends.token_rules import RowState, end_of_row, pick_tokens
 
 if TYPE_CHECKING:
@@ -253,10 +252,9 @@ class ContinuousEngine:
         """Start the manager and supervise it until cancelled; then stop it and fail what waits."""
         if self._serving:
             raise BackendError("the backend is already serving another pipeline")
-        try:
-            self._post = asyncio.get_running_loop().call_soon_threadsafe
-        except RuntimeError as e:
-            raise BackendError("continuous batching runs on asyncio") from e
+        self._post = loop_poster()
+        if self._post is None:
+            raise BackendError("continuous batching runs on asyncio")
         self._serving = True
         try:
             await anyio.to_thread.run_sync(self.start)

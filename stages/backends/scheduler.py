@@ -29,6 +29,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from stages.backends.base import BackendError, Completion, Request
 from stages.batching import MicroBatcher
 from stages.clock import now
+from stages.streams import put
 
 
 @dataclass
@@ -58,6 +59,39 @@ def _batch_report(st: SchedulerStats) -> dict[str, Any] | None:
         "model_busy_s": round(st.busy_s, 3),
         "oom_splits": st.oom_splits,
     }
+
+
+class Poster:
+    """Calls from a model thread to the event loop, delivered in order, a burst of them with one wake-up:
+    ``post(fn, *args)`` queues the call and schedules a flush only when none is pending, so a batch
+    whose rows end together costs the loop one trip, not one per row."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._calls: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
+        self._pending = False
+
+    def __call__(self, fn: Callable[..., object], *args: Any) -> None:
+        """Queue ``fn(*args)`` on the loop (any thread; never waits)."""
+        self._calls.append((fn, args))  # queued before the flag is read: a flush under way takes it
+        if not self._pending:
+            self._pending = True
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        self._pending = False  # cleared before draining: a call queued from now on schedules its own
+        calls = self._calls
+        while calls:
+            fn, args = calls.popleft()
+            fn(*args)
+
+
+def loop_poster() -> Poster | None:
+    """A ``Poster`` for the running asyncio loop (``None`` elsewhere: the thread then waits a round trip)."""
+    try:
+        return Poster(asyncio.get_running_loop())
+    except RuntimeError:
+        return None
 
 
 class Row:
@@ -192,7 +226,7 @@ class BatchScheduler:
             raise BackendError("the backend is not serving: it was stopped or never started")
         row = Row(request, self.stats, self._post)
         try:
-            await send.send(row)
+            await put(send, row)
         except BaseException:
             row.aborted = True
             row.aborted_at = now()
@@ -222,10 +256,7 @@ class BatchScheduler:
         if self._send is not None:
             raise BackendError("the backend is already serving another pipeline")
         self._send, receive = anyio.create_memory_object_stream[Row](self.max_pending)
-        try:  # on asyncio the model thread hands rows over without waiting; elsewhere, a round trip
-            self._post = asyncio.get_running_loop().call_soon_threadsafe
-        except RuntimeError:
-            self._post = None
+        self._post = loop_poster()  # on asyncio the model thread hands rows over without waiting
         batcher = MicroBatcher(
             receive,
             max_size=self.max_size,

@@ -232,6 +232,7 @@ COLUMNS = {
         "problems_per_s",
         "us_per_problem",
         "stream_floor_items_per_s",
+        "batched_floor_items_per_s",
     ),
     "batch": (
         "scenario",

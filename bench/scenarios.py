@@ -22,6 +22,7 @@ from pipeline.items import Encoded, Job, Problem
 from stages.backends.base import Backend
 from stages.backends.fake import FakeBackend
 from stages.extraction import check_answer
+from stages.streams import batches, put
 from stages.tokenization import encode
 
 Figures = dict[str, Any]
@@ -142,7 +143,8 @@ async def overhead(settings: Settings) -> Figures:
     )
 
     async def run() -> tuple[float, list[Any]]:
-        async with Pipeline(cfg, backend=FakeBackend(record=False)) as p:
+        backend = FakeBackend(record=False, max_batch_size=64, max_wait_s=0.001)  # the batches cfg asks
+        async with Pipeline(cfg, backend=backend) as p:
             start = time.perf_counter()
             results = [r async for r in p.stream(problems)]
             return time.perf_counter() - start, results
@@ -154,6 +156,9 @@ async def overhead(settings: Settings) -> Figures:
     )
     figures["us_per_problem"] = round(seconds / len(problems) * 1e6, 1)
     figures["stream_floor_items_per_s"] = round(await stream_floor(len(problems), FLOOR_HOPS), 1)
+    figures["batched_floor_items_per_s"] = round(
+        await stream_floor(len(problems), FLOOR_HOPS, batched=True), 1
+    )
     if settings.profile:
         import cProfile
 
@@ -168,14 +173,21 @@ async def overhead(settings: Settings) -> Figures:
 FLOOR_HOPS = 7  # the memory streams one problem crosses: jobs, encoded, generations, candidates, ...
 
 
-async def stream_floor(n: int, hops: int) -> float:
+async def stream_floor(n: int, hops: int, *, batched: bool = False) -> float:
     """Items per second through ``hops`` bare anyio memory streams in a chain (a task per hop, buffers of
-    64): the cost of the hand-offs alone, the floor under the pipeline's per-problem cost."""
+    64): the cost of the hand-offs alone. One item at a time (``async for`` and ``send``), or, with
+    ``batched``, as the stages hand items on (``stages.streams.batches`` and ``put``): the floor under
+    the pipeline's per-problem cost."""
 
     async def relay(receive: Any, send: Any) -> None:
         async with receive, send:
-            async for x in receive:
-                await send.send(x)
+            if batched:
+                async for items in batches(receive):
+                    for x in items:
+                        await put(send, x)
+            else:
+                async for x in receive:
+                    await send.send(x)
 
     ends = [anyio.create_memory_object_stream[int](64) for _ in range(hops)]
     start = time.perf_counter()
@@ -186,12 +198,16 @@ async def stream_floor(n: int, hops: int) -> float:
         async def feed() -> None:
             async with ends[0][0]:
                 for i in range(n):
-                    await ends[0][0].send(i)
+                    await (put(ends[0][0], i) if batched else ends[0][0].send(i))
 
         tg.start_soon(feed)
         async with ends[-1][1]:
-            async for _ in ends[-1][1]:
-                pass
+            if batched:
+                async for _ in batches(ends[-1][1]):
+                    pass
+            else:
+                async for _ in ends[-1][1]:
+                    pass
     return n / (time.perf_counter() - start)
 
 

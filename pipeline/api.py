@@ -71,8 +71,14 @@ def load_backend(cfg: Config) -> Backend:
         return OpenAIBackend.load(cfg)
     from stages.backends.transformers_backend import TransformersBackend
 
+    g = cfg.generation
     return TransformersBackend.load(
-        m.path, device=m.device, dtype=m.dtype, quantize=m.quantize, batching=cfg.batch.mode
+        m.path,
+        device=m.device,
+        dtype=m.dtype,
+        quantize=m.quantize,
+        batching=cfg.batch.mode,
+        sampled=g.samples > 1 or g.uses_tools,
     )
 
 

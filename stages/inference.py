@@ -444,5 +444,5 @@ class Inference:
                 clean_cells=out.clean,
                 cell_errors=tuple(out.errors),
                 outcome=outcome,
-            )
+            ),
         )

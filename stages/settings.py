@@ -187,8 +187,9 @@ class BatchConfig:
     """The transformers backend's batching. ``mode``: ``continuous`` (transformers' paged continuous
     batching: a request joins the running batch at the next decode step and leaves it when it ends),
     ``static`` (the micro-batcher: one ``generate`` per batch, rows delivered as they end), or
-    ``auto`` (continuous where the installed transformers is one it was tried on, 5.19 to 5.25; else
-    static, said in the log).
+    ``auto`` (continuous where the installed transformers is one it was tried on, 5.19 to 5.25, and
+    the run is on CUDA or samples several answers per problem or runs tools; else static, said in the
+    log).
     ``max_batch_size``: the most requests decoding at once; ``max_batch_tokens``: the static batch's
     token cap, or a cap on the continuous engine's paged cache (``None``: from the memory budget);
     ``max_wait_ms``: how long a static batch waits to fill."""
@@ -197,7 +198,7 @@ class BatchConfig:
         "auto",
         flag="--batching",
         help="transformers: continuous (paged, requests join and leave at every step), static batches, "
-        "or auto (continuous on transformers 5.19-5.25, else static)",
+        "or auto (continuous on transformers 5.19-5.25 for sampled or tir runs and on CUDA, else static)",
     )
     max_batch_size: int = setting(16, flag="--batch-size", help="max problems (samples) decoding at once")
     max_wait_ms: float = setting(20.0, flag="--max-wait-ms", help="how long a batch waits to fill")

@@ -229,7 +229,30 @@ def test_auto_batching_is_continuous_only_on_the_transformers_releases_it_was_tr
     ]:
         monkeypatch.setattr(transformers, "__version__", version)
         assert choose_batching("auto") == mode, version
-    assert choose_batching("continuous") == "continuous" and choose_batching("static") == "static"
+        assert choose_batching("auto", device="cuda:0", sampled=False) == mode, version
+        assert choose_batching("auto", device="cpu", sampled=False) == "static", version
+    assert choose_batching("continuous", sampled=False) == "continuous"
+    assert choose_batching("static", device="cuda") == "static"
+
+
+def test_the_pipeline_tells_the_backend_whether_its_run_samples(monkeypatch):
+    """``auto`` follows the run: one greedy answer per problem is not ``sampled``; several samples, or
+    tir rounds, are (the rule itself: the test above)."""
+    from pipeline.api import load_backend
+    from pipeline.config import Config
+    from stages.backends.transformers_backend import TransformersBackend
+
+    seen: list[tuple[str, bool]] = []
+
+    def fake_load(path: Any, **kw: Any) -> Any:
+        seen.append((kw["batching"], kw["sampled"]))
+        return None
+
+    monkeypatch.setattr(TransformersBackend, "load", fake_load)
+    for sections in [{}, {"generation": {"samples": 4}}, {"generation": {"prompt_style": "tir"}}]:
+        load_backend(Config().replace(**sections))
+    load_backend(Config().replace(batch={"mode": "static"}, generation={"samples": 2}))
+    assert seen == [("auto", False), ("auto", True), ("auto", True), ("static", True)]
 
 
 class _Raises:

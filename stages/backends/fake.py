@@ -16,11 +16,13 @@ stop at.
 
 from __future__ import annotations
 
+import bisect
 import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from typing import Any
 
 import anyio
@@ -28,7 +30,7 @@ from anyio.abc import TaskStatus
 
 from stages.backends.base import BackendBase, Completion, MemoryProfile, Request
 from stages.backends.scheduler import BatchScheduler, Row
-from stages.prompting import finish_text
+from stages.prompting import answer_end, finish_text
 
 Responder = Callable[[str, int], str]
 """``(problem_text, nth_time_this_text_was_generated) -> model output text``."""
@@ -176,15 +178,13 @@ class FakeBackend(BackendBase, CodePoints):
         n = len(words)
         ends = [max(n, 1), p.max_new_tokens]
         ends += [t for t in p.stop_token_ids if 1 <= t <= n]
-        if (p.stop or p.stop_at_answer) and finish_text("".join(words), p.stop, p.stop_at_answer)[1]:
-            lo, hi = 1, n  # the first prefix of words that holds a stop or the answer
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if finish_text("".join(words[:mid]), p.stop, p.stop_at_answer)[1]:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            ends.append(lo)
+        if p.stop or p.stop_at_answer:  # the first prefix of words that holds a stop or the answer
+            text = "".join(words)
+            at = [text.find(s) + len(s) for s in p.stop if s in text]
+            if p.stop_at_answer and (answer := answer_end(text)) is not None:
+                at.append(answer)
+            if at:  # a prefix holds it once it reaches its last character
+                ends.append(bisect.bisect_left(list(accumulate(map(len, words))), min(at)) + 1)
         end = min(ends)
         if p.watch is not None and p.top_logprobs:
             for step in range(1, min(end, n) + 1):

@@ -1,22 +1,24 @@
 """The inference stage: every sample is one request to the backend, sent on as soon as it completes.
 
-Each encoded problem becomes ``samples`` tasks in the stage's task group, each sending its requests
-and awaiting them, so completions leave in completion order, not batch order. How many requests (and,
-optionally, tokens) are in the backend at once is bounded here by a semaphore the sample tasks wait on;
-how many problems (and so sample tasks) exist at once is bounded by admission. Batching is the
-backend's business.
+Each encoded problem's ``samples`` samples are handed to sample workers, tasks of the stage's task
+group that run one sample after another (a task per sample costs more than the sample itself when the
+model is fast), so completions leave in completion order, not batch order. At most
+``max_in_flight x samples`` samples run at once (one per worker; the rest wait in a backlog, which
+admission bounds) and, optionally, ``run.max_tokens_in_flight`` tokens. Batching is the backend's
+business.
 
 A sample may take several rounds (prompt style ``tir``): a round that stops at the end of a code
 block has its code run in the sandbox (``stages/sandbox.py``, one interpreter per sample), the output
 is appended, and the same task sends the next round's request, until the sample ends, runs out of
 rounds or tokens, or reaches the model's context. The feedback edge of the design (verification back
-to inference) lives inside the sample's task: it holds its request slot for all its rounds, so no
-queue lies on a cycle and nothing can deadlock, whatever the stream sizes.
+to inference) lives inside the sample's run on its worker: it holds its place for all its rounds, so
+no queue lies on a cycle and nothing can deadlock, whatever the stream sizes.
 
 A problem's samples can be cancelled together (``cancel(serial)``: the caller went away, or an
-early-stopping vote decided): cancelling a sample's task aborts its request in the engine or kills its
-running cell, wherever it is; a sample not yet submitted is not. A cancelled sample still travels on as
-a ``Generation`` with ``finish_reason="aborted"``, so downstream counts stay whole.
+early-stopping vote decided): cancelling a sample's scope aborts its request in the engine or kills
+its running cell, wherever it is; a sample still waiting for a worker never starts. A cancelled
+sample still travels on as a ``Generation`` with ``finish_reason="aborted"``, so downstream counts
+stay whole.
 
 With a time budget (``pipeline.budget.TimePlanner``) each problem gets its deadline and its number of
 samples when its samples start.
@@ -150,8 +152,8 @@ class Inference:
 
     ``wanted(serial)`` says whether anyone still waits for a problem; one nobody wants is skipped.
     ``sandbox`` runs code cells (required for the ``tir`` style); ``planner`` gives each problem its
-    deadline and samples under a time budget. Every sample is a task from the start, waiting for its
-    request slot inside its problem's cancel scope; how many tasks exist is bounded by admission
+    deadline and samples under a time budget. Every sample has its cancel scope from the start, and
+    runs inside it on a sample worker; how many samples exist is bounded by admission
     (``run.max_in_flight`` problems).
     """
 

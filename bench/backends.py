@@ -335,6 +335,7 @@ def whole_command(args: argparse.Namespace) -> None:
         "rows": rows,
         "ratios": {"command pipeline / plain script (speed)": round(b / a, 3)},
     }
+    speed = round(b / a, 3)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.json").write_text(json.dumps(report, indent=1, default=str))
@@ -345,10 +346,10 @@ def whole_command(args: argparse.Namespace) -> None:
     ]
     lines += [
         "",
-        f"pipeline / plain script (speed): **{report['ratios']['command pipeline / plain script (speed)']}**",
+        f"pipeline / plain script (speed): **{speed}**",
     ]
     (out / "command.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps(report["ratios"], indent=1))
+    print(json.dumps({"command pipeline / plain script (speed)": speed}, indent=1))
 
 
 def replace_tokens(cfg: Config, n: int) -> Config:

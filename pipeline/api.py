@@ -275,8 +275,9 @@ class Pipeline:
             self._runner.close()
         if exc is not None and self._tg is not None:
             self._tg.cancel_scope.cancel()
-        await stack.__aexit__(exc_type, exc, tb)
-        return None
+        # True when the block's error was the engine's own cancellation (after ``abort()``), which its
+        # task group absorbed: passing that on keeps it from escaping the block
+        return await stack.__aexit__(exc_type, exc, tb)
 
     def metrics(self) -> dict[str, Any]:
         """Queue depths per stream, time waiting per stage, batch fill, sandbox and memory figures

@@ -251,13 +251,18 @@ class Runner:
         """Admit every item of one stream: parse errors and cache hits go straight to the route."""
         convert = RecordConverter()
         try:
-            if isinstance(items, AsyncIterable):
+            n = 0
+            if isinstance(items, AsyncIterable):  # a file reader hands out a chunk of lines at once
                 async for item in items:
                     await self._admit(convert(item), route)
-            else:
-                for n, item in enumerate(items, 1):
-                    await self._admit(convert(item), route)
+                    n += 1
                     if n % BATCH == 0:  # admitting takes no trip through the loop while slots are free
+                        await anyio.lowlevel.checkpoint()
+            else:
+                for item in items:
+                    await self._admit(convert(item), route)
+                    n += 1
+                    if n % BATCH == 0:
                         await anyio.lowlevel.checkpoint()
         except Exception as e:  # the input itself failed (a read error): the caller's stream raises it
             route.error = e

@@ -45,7 +45,7 @@ from stages.items import Encoded, Generation, Outcome
 from stages.prompting import style_for
 from stages.sandbox import Sandbox, SandboxError
 from stages.selection import token_confidence, token_entropy
-from stages.streams import batches, put
+from stages.streams import BATCH, batches, put
 
 TIME_LIMIT = "time limit reached"  # a timed-out sample's error text (its outcome is "timed_out")
 
@@ -177,6 +177,8 @@ class Inference:
         self._parked: deque[_Park] = deque()  # workers waiting to be handed a sample
         self._backlog: deque[_Work] = deque()  # samples waiting for a worker (all are busy)
         self._closed = False
+        self._changed = anyio.Event()  # set when the backlog or a waiting sample's scope changes
+        self._sweeping = False
         self._tokens = TokenGate(cfg.run.max_tokens_in_flight)
         self._scopes: dict[int, list[anyio.CancelScope]] = {}
         self._gates: dict[int, ConfidenceGate] = {}  # DeepConf online: each problem's threshold
@@ -212,6 +214,8 @@ class Inference:
         Generation)."""
         for scope in self._scopes.get(serial, []):
             scope.cancel()
+        if self._backlog:
+            self._backlog_changed()
 
     async def run(
         self,
@@ -222,22 +226,25 @@ class Inference:
         async with receive, send, anyio.create_task_group() as tg:
             try:
                 async for items in batches(receive):
+                    started = 0
                     for item in items:
-                        self._start(item, send, tg)
+                        started += self._start(item, send, tg)
+                        if started >= BATCH:  # starting workers costs: let the loop breathe
+                            await anyio.lowlevel.checkpoint()
+                            started = 0
             finally:
                 self._closed = True  # no more samples: parked workers end, busy ones end after theirs
                 while self._parked:
                     self._parked.popleft().wake(None)
 
-    def _start(
-        self, item: Encoded, send: MemoryObjectSendStream[Generation], tg: anyio.abc.TaskGroup
-    ) -> None:
+    def _start(self, item: Encoded, send: MemoryObjectSendStream[Generation], tg: anyio.abc.TaskGroup) -> int:
         """Hand each sample of ``item`` to a parked sample worker, or to a new one (at most
         ``max_requests`` run at once); past that the sample waits in the backlog, which admission
-        bounds (``run.max_in_flight`` problems' samples)."""
+        bounds (``run.max_in_flight`` problems' samples) and ``_sweep`` watches for samples cancelled
+        or out of time while they wait. Returns how many samples it handed out."""
         serial = item.job.serial
         if not self.wanted(serial):
-            return
+            return 0
         samples = self.cfg.generation.samples
         deadline = item.problem.deadline
         if self.planner is not None:
@@ -263,6 +270,34 @@ class Inference:
                 tg.start_soon(self._worker, work, send)
             else:
                 self._backlog.append(work)
+                self._backlog_changed()
+                if not self._sweeping:
+                    self._sweeping = True
+                    tg.start_soon(self._sweep, send)
+        return samples
+
+    def _backlog_changed(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _sweep(self, send: MemoryObjectSendStream[Generation]) -> None:
+        """While samples wait in the backlog: end each whose scope is cancelled or past its deadline as
+        it happens (an aborted ``Generation``, as if it had started), not when a worker frees up."""
+        backlog = self._backlog
+        try:
+            while backlog:
+                changed = self._changed
+                soonest = min(w.scope.deadline for w in backlog)
+                with anyio.CancelScope(deadline=soonest):
+                    await changed.wait()
+                at = anyio.current_time()
+                gone = [w for w in backlog if w.scope.cancel_called or w.scope.deadline <= at]
+                for w in gone:
+                    backlog.remove(w)
+                for w in gone:
+                    await self._sample(w.encoded, w.index, w.scope, send, w.of, w.queued)
+        finally:
+            self._sweeping = False
 
     async def _worker(self, work: _Work | None, send: MemoryObjectSendStream[Generation]) -> None:
         """Run samples one after another: the backlog's first, else park until handed one (a task per
@@ -271,6 +306,8 @@ class Inference:
             await self._sample(work.encoded, work.index, work.scope, send, work.of, work.queued)
             if self._backlog:
                 work = self._backlog.popleft()
+                if not self._backlog:
+                    self._backlog_changed()  # the sweeper ends with the backlog
             elif self._closed:
                 return
             else:

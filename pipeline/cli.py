@@ -28,6 +28,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.presets import PRESETS, resolve
 from pipeline.run_file import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_stream
 from pipeline.sink import OutputError, check_writable
+from pipeline.startup import resume_gc
 from stages.backends.models import DEFAULT_MODEL_NAME, cache_root
 from stages.items import Problem, Result
 from stages.parse import InputError, check_source, read_problems
@@ -322,8 +323,16 @@ def _tokenizer(cfg: Config) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    try:
+        return _main(argv)
+    finally:
+        resume_gc()  # whatever path it took (``stream`` resumes it once its model is loaded)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
+        resume_gc()  # no model to load
         from pipeline.report import main as report_main
 
         return report_main(argv[1:])

@@ -20,6 +20,7 @@ from pipeline.api import Pipeline, PipelineError
 from pipeline.config import Config
 from pipeline.items import Problem, Result
 from pipeline.sink import OutputError, ResultWriter, Written, read_written
+from pipeline.startup import resume_gc
 from stages.backends.base import Backend
 from stages.clock import now, scope_deadline
 from stages.parse import dedupe, read_problems
@@ -153,8 +154,10 @@ async def run_stream(
     items = _until_stopped(items, stop)
     writer = ResultWriter(args.output, args.submission, fallback=cfg.answer.fallback or 0)
     if args.engine == "ray":
+        resume_gc()  # the models load in the replicas
         return await _run_on_ray(args, cfg, items, writer, backend_spec)
     async with Pipeline(cfg, backend=backend) as pipeline:
+        resume_gc()  # the model is loaded: start-up is over
         if pipeline.memory_plan is not None:
             logger.info("memory plan", plan=pipeline.memory_plan.describe())
         logger.info("model loaded", model=pipeline.backend.model_id)

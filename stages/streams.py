@@ -30,12 +30,17 @@ async def batches(receive: MemoryObjectReceiveStream[T], limit: int = BATCH) -> 
             batch = [await receive.receive()]
         except anyio.EndOfStream:
             return
-        while len(batch) < limit:
-            try:
-                batch.append(receive.receive_nowait())
-            except (anyio.WouldBlock, anyio.EndOfStream):
-                break
-        yield batch
+        yield drain(receive, batch, limit)
+
+
+def drain(receive: MemoryObjectReceiveStream[T], batch: list[T], limit: int) -> list[T]:
+    """Add to ``batch`` what ``receive`` holds now, without waiting, until it has ``limit`` items."""
+    while len(batch) < limit:
+        try:
+            batch.append(receive.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            break
+    return batch
 
 
 async def put(send: MemoryObjectSendStream[T], item: T) -> None:

@@ -27,7 +27,7 @@ from stages.config import Config
 from stages.extraction import check_answer, quick_check
 from stages.items import Candidate, Generation
 from stages.process_pool import WorkerDied, WorkerPool
-from stages.streams import put
+from stages.streams import drain, put
 
 Checked = tuple[int | None, str | None, str | None]
 MAX_REASON = 300
@@ -124,12 +124,7 @@ class Verification:
             return None
         queued = receive.statistics().current_buffer_used
         share = min(self.cfg.run.verify_batch, math.ceil((1 + queued) / self.cfg.run.verify_workers))
-        while len(batch) < share:
-            try:
-                batch.append(receive.receive_nowait())
-            except (anyio.WouldBlock, anyio.EndOfStream):
-                break
-        return batch
+        return drain(receive, batch, share)
 
     async def run(
         self,

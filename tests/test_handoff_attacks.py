@@ -11,13 +11,15 @@ import threading
 import time
 from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 
 from pipeline import Pipeline
-from pipeline.items import Problem
+from pipeline.config import Config
+from pipeline.items import Problem, Result
 from stages.backends.fake import FakeBackend
 from stages.parse import read_problems
 from tests.conftest import small_config
@@ -415,14 +417,14 @@ async def test_rejected_prompts_and_answers_share_size_one_streams_without_a_sta
 # --- The event loop ----------------------------------------------------------------------------------
 
 
-async def test_no_stage_holds_the_loop_for_long_while_5000_problems_stream():
-    cfg = small_config(run={"max_in_flight": 64, "verify_workers": 1})
+async def ticked(cfg: Config, items: Any) -> tuple[list[Result], float]:
+    """Every result of ``items`` through a fresh pipeline (scripted backend, batches of 64) while a
+    ``Ticker`` runs beside it, with the collector off: the results and the loop's longest hold in ms."""
     ticker = Ticker()
     gc.collect()
     gc.disable()
     try:
         async with Pipeline(cfg, backend=FakeBackend(record=False, max_batch_size=64)) as p:
-            items = [Problem(id=str(i), text=f"What is {i} + 1?") for i in range(5000)]
             async with anyio.create_task_group() as tg:
                 tg.start_soon(ticker.run)
                 with anyio.fail_after(60):
@@ -430,8 +432,14 @@ async def test_no_stage_holds_the_loop_for_long_while_5000_problems_stream():
                 ticker.stop()
     finally:
         gc.enable()
+    return got, ticker.worst_ms
+
+
+async def test_no_stage_holds_the_loop_for_long_while_5000_problems_stream():
+    cfg = small_config(run={"max_in_flight": 64, "verify_workers": 1})
+    got, worst = await ticked(cfg, [Problem(id=str(i), text=f"What is {i} + 1?") for i in range(5000)])
     assert len(got) == 5000
-    assert ticker.worst_ms < 15, f"the loop was held for {ticker.worst_ms:.1f} ms"
+    assert worst < 15, f"the loop was held for {worst:.1f} ms"
 
 
 async def test_a_file_input_with_many_slots_does_not_hold_the_loop(tmp_path: Path):
@@ -444,20 +452,9 @@ async def test_a_file_input_with_many_slots_does_not_hold_the_loop(tmp_path: Pat
         encoding="utf-8",
     )
     cfg = small_config(run={"max_in_flight": 5000, "verify_workers": 1})
-    ticker = Ticker()
-    gc.collect()
-    gc.disable()
-    try:
-        async with Pipeline(cfg, backend=FakeBackend(record=False, max_batch_size=64)) as p:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(ticker.run)
-                with anyio.fail_after(60):
-                    got = [r async for r in p.stream(read_problems(path))]
-                ticker.stop()
-    finally:
-        gc.enable()
+    got, worst = await ticked(cfg, read_problems(path))
     assert len(got) == 5000
-    assert ticker.worst_ms < 12, f"the loop was held for {ticker.worst_ms:.1f} ms"
+    assert worst < 12, f"the loop was held for {worst:.1f} ms"
 
 
 async def test_starting_many_samples_at_once_does_not_hold_the_loop():
@@ -465,21 +462,9 @@ async def test_starting_many_samples_at_once_does_not_hold_the_loop():
     problems in one wake-up and starts a sample worker for each of their samples (1024 tasks) before
     it yields again; it used to start one problem's samples per wake-up."""
     cfg = small_config(run={"max_in_flight": 64, "verify_workers": 1}, generation={"samples": 16})
-    ticker = Ticker()
-    gc.collect()
-    gc.disable()
-    try:
-        async with Pipeline(cfg, backend=FakeBackend(record=False, max_batch_size=64)) as p:
-            items = [Problem(id=str(i), text=f"What is {i} + 1?") for i in range(300)]
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(ticker.run)
-                with anyio.fail_after(60):
-                    got = [r async for r in p.stream(items)]
-                ticker.stop()
-    finally:
-        gc.enable()
+    got, worst = await ticked(cfg, [Problem(id=str(i), text=f"What is {i} + 1?") for i in range(300)])
     assert len(got) == 300 and all(r.answer is not None for r in got)
-    assert ticker.worst_ms < 10, f"the loop was held for {ticker.worst_ms:.1f} ms"
+    assert worst < 10, f"the loop was held for {worst:.1f} ms"
 
 
 # --- Poster -------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def environment(backend: Backend | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
-    from stages.backends.transformers_backend import cpu_has_native_bf16
+    from stages.backends.devices import cpu_has_native_bf16
 
     env: dict[str, Any] = {
         "python": platform.python_version(),

@@ -263,7 +263,7 @@ def memory_derivation(cfg: Config) -> str:
         folder = Path(m.path).expanduser()
     else:
         return f"{budget}; the split is derived once the model file is converted (at the first run)"
-    from stages.backends.transformers_backend import choose_device_dtype
+    from stages.backends.devices import choose_device_dtype
 
     quantized = {"fp16": "float16", "bf16": "bfloat16"}.get(m.quantize)
     try:

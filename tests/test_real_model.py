@@ -11,8 +11,8 @@ import pytest
 
 from pipeline import Pipeline
 from stages.backends.base import Backend, Request, SamplingParams
+from stages.backends.devices import choose_device_dtype, cpu_has_native_bf16
 from stages.backends.models import DEFAULT_MODEL_NAME, cache_root, resolve_model
-from stages.backends.transformers_backend import choose_device_dtype, cpu_has_native_bf16
 from tests.conftest import small_config
 
 pytestmark = pytest.mark.model

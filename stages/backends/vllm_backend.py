@@ -37,8 +37,8 @@ from stages.backends.base import (
     SamplingParams,
     kv_bytes_per_token,
 )
+from stages.backends.devices import choose_device_dtype
 from stages.backends.models import resolve_model
-from stages.backends.transformers_backend import choose_device_dtype
 from stages.config import Config
 from stages.prompting import finish_text
 
